@@ -1,0 +1,81 @@
+"""Corpus reading and tokenization (SPEC §1: documents are tokenized and concatenated).
+
+A corpus is a UTF-8 text file, optionally gzip-compressed (`.gz`). Each line (with its
+newline) is one document; lines are tokenized in batches and the ids concatenated, so
+the stream is deterministic for a given tokenizer and file. `transformers` is imported
+lazily: the dashboard imports this package without it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+
+class CorpusError(ValueError):
+    """A corpus file is missing, empty or unreadable."""
+
+
+def read_text(path: Path) -> str:
+    """Text of a corpus file (`.gz` is decompressed); raises CorpusError if missing/empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"corpus file not found: {path} (check the path in the config)")
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    text = raw.decode("utf-8")
+    if not text.strip():
+        raise CorpusError(f"corpus file is empty: {path} (point the config at a non-empty text file)")
+    return text
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenize_text(text: str, tokenizer, batch_lines: int = 2048) -> np.ndarray:
+    """Token ids (int32, shape (n,)) of `text`, tokenized line by line and concatenated."""
+    lines = text.splitlines(keepends=True)
+    chunks: list[np.ndarray] = []
+    for start in range(0, len(lines), batch_lines):
+        batch = lines[start : start + batch_lines]
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        chunks.extend(np.asarray(ids, dtype=np.int32) for ids in encoded if ids)
+    if not chunks:
+        return np.zeros(0, dtype=np.int32)
+    return np.concatenate(chunks)
+
+
+def tokenize_file(path: Path, tokenizer, limit_tokens: int | None = None) -> np.ndarray:
+    """Token ids of a corpus file, cut to the first `limit_tokens` if given."""
+    ids = tokenize_text(read_text(path), tokenizer)
+    if limit_tokens is not None:
+        ids = ids[:limit_tokens]
+    if len(ids) < 2:
+        raise CorpusError(f"corpus {path} has fewer than 2 tokens (use a longer text or a larger limit)")
+    return ids
+
+
+def load_tokenizer(name_or_path: str):
+    """A Hugging Face tokenizer from a hub name or local directory; rejects an empty vocabulary."""
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    path = Path(name_or_path)
+    local = path.is_dir()
+    if local and not (path / "tokenizer_config.json").exists() and (path / "vocab.json").exists():
+        # A bare vocab.json + merges.txt folder (GPT-2 style): AutoTokenizer would yield an empty one.
+        tokenizer = GPT2TokenizerFast.from_pretrained(str(path))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local)
+    if len(tokenizer) == 0:
+        raise CorpusError(f"tokenizer at {name_or_path} is empty (the folder needs its vocab files)")
+    return tokenizer

@@ -1,0 +1,131 @@
+"""FAISS index over the datastore keys (SPEC §2): validate, train, add, search, reconstruct.
+
+Keys live on disk as an fp16 memmap; they are converted to float32 block by block, so
+memory holds the index plus one block. faiss's padding (id -1, distance FLT_MAX) is
+masked here: callers get value -1 and distance +inf for missing neighbours.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+import faiss
+import numpy as np
+
+MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this many training points per list
+
+
+class IndexConfigError(ValueError):
+    """The index factory string does not fit the data (dimension, training size)."""
+
+
+def ivf_nlist(factory: str) -> int | None:
+    """Number of inverted lists of an `IVF<n>` factory string, None if not IVF."""
+    match = re.search(r"IVF(\d+)", factory)
+    return int(match.group(1)) if match else None
+
+
+def check_factory(factory: str, dim: int, n_train: int) -> None:
+    """Raise IndexConfigError when `factory` cannot be built on `n_train` keys of size `dim`."""
+    pq = re.search(r"PQ(\d+)", factory)
+    if pq and dim % int(pq.group(1)):
+        m = int(pq.group(1))
+        options = [s for s in (8, 16, 32, 48, 64, 96, 128) if dim % s == 0]
+        raise IndexConfigError(
+            f"key dimension {dim} is not divisible by the PQ sub-quantizer count {m} in '{factory}' "
+            f"(use PQ{options[-1] if options else 1} or another divisor of {dim}: {options})"
+        )
+    nlist = ivf_nlist(factory)
+    if nlist is not None and n_train < MIN_POINTS_PER_CENTROID * nlist:
+        needed = MIN_POINTS_PER_CENTROID * nlist
+        suggest = 2 ** max(0, int(np.floor(np.log2(max(1, n_train // MIN_POINTS_PER_CENTROID)))))
+        raise IndexConfigError(
+            f"'{factory}' needs at least {needed:,} training keys ({MIN_POINTS_PER_CENTROID} x nlist {nlist}) "
+            f"but only {n_train:,} are available (use IVF{suggest} or a larger datastore)"
+        )
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_L2)
+    except RuntimeError as err:
+        raise IndexConfigError(f"faiss cannot build '{factory}': {str(err).splitlines()[-1]}") from err
+
+
+def blocks(keys: np.ndarray, block: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float32 block) over the rows of a (memmapped) key matrix."""
+    for start in range(0, len(keys), block):
+        yield start, np.ascontiguousarray(keys[start : start + block], dtype=np.float32)
+
+
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """Sorted random row indices (all rows if size is 0 or >= n): sorted reads a memmap faster."""
+    if size <= 0 or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def train_index(keys: np.ndarray, factory: str, train_size: int, seed: int) -> faiss.Index:
+    """A trained, empty index of `factory` over a sample of `keys` (N, d)."""
+    rows = sample_rows(len(keys), train_size, seed)
+    check_factory(factory, keys.shape[1], len(rows))
+    index = faiss.index_factory(keys.shape[1], factory, faiss.METRIC_L2)
+    ivf = _ivf_or_none(index)
+    if ivf is not None:
+        ivf.cp.seed = seed  # reproducible k-means
+        # Polysemous training only permutes PQ centroids (distances are unchanged) and costs
+        # minutes at PQ64; we never use polysemous search, so skip it.
+        if hasattr(ivf, "do_polysemous_training"):
+            ivf.do_polysemous_training = False
+    sample = np.ascontiguousarray(keys[rows], dtype=np.float32)  # (n_train, d)
+    index.train(sample)
+    return index
+
+
+def add_keys(index: faiss.Index, keys: np.ndarray, progress: Callable[[int], None] | None = None) -> None:
+    """Add all keys to the index in float32 blocks (ids = row numbers)."""
+    for _, block in blocks(keys):
+        index.add(block)
+        if progress:
+            progress(len(block))
+
+
+def _ivf_or_none(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Set nprobe on the IVF inside `index` (no-op for non-IVF indexes)."""
+    ivf = _ivf_or_none(index)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dists (Q, k) float32 with +inf for missing, ids (Q, k) int64 with -1 for missing)."""
+    dists, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    dists[ids < 0] = np.inf
+    return dists, ids
+
+
+def reconstruction_error(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
+    """||x - x̂||² per row (float64), x̂ = sa_decode(sa_encode(x)) (centroid + decoded residual)."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)  # (n, d)
+    x_hat = index.sa_decode(index.sa_encode(x))
+    return np.sum((x.astype(np.float64) - x_hat) ** 2, axis=1)
+
+
+def exact_sq_dists(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Exact squared L2 (Q, m) float32 between each query and its neighbours' stored keys; inf where id < 0."""
+    q = np.asarray(queries, dtype=np.float32)  # (Q, d)
+    out = np.empty(ids.shape, dtype=np.float32)
+    step = max(1, (1 << 24) // max(1, ids.shape[1] * q.shape[1]))  # ~64 MB of gathered keys at a time
+    for lo in range(0, len(q), step):
+        part = ids[lo : lo + step]
+        safe = np.where(part < 0, 0, part)
+        rows, inverse = np.unique(safe, return_inverse=True)  # sorted rows: a forward memmap read
+        nbr = np.asarray(keys[rows], dtype=np.float32)[inverse.reshape(part.shape)]  # (q, m, d)
+        out[lo : lo + step] = np.sum((nbr - q[lo : lo + step, None, :]) ** 2, axis=2)
+    out[ids < 0] = np.inf
+    return out

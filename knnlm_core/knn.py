@@ -1,0 +1,84 @@
+"""kNN-LM math (SPEC §2 and §4): p_kNN, interpolation, hits, target rank.
+
+Inputs are the faiss search results of Q queries: `dists` (Q, k) squared L2 distances
+and `nbr_values` (Q, k) the value (next token) of each neighbour, with -1 where faiss
+returned no neighbour (id -1); such slots carry no weight and never match a target.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAD = -1  # value of a missing neighbour
+
+
+def log_weights(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> np.ndarray:
+    """Normalised log softmax weights (Q, k) of -dists / tau; -inf on missing neighbours."""
+    assert dists.shape == nbr_values.shape and dists.ndim == 2
+    logits = -dists.astype(np.float64) / tau  # (Q, k)
+    logits[nbr_values == PAD] = -np.inf
+    top = np.max(logits, axis=1, keepdims=True)  # (Q, 1)
+    top[~np.isfinite(top)] = 0.0  # a row with no neighbour at all: every weight stays -inf
+    with np.errstate(divide="ignore"):
+        lse = top + np.log(np.sum(np.exp(logits - top), axis=1, keepdims=True))
+    lse[~np.isfinite(lse)] = 0.0  # no neighbour: -inf - (-inf) would be NaN
+    return logits - lse
+
+
+def p_knn_of(dists: np.ndarray, nbr_values: np.ndarray, targets: np.ndarray, tau: float) -> np.ndarray:
+    """p_kNN(target) per query (Q,): summed softmax weight of neighbours whose value is the target."""
+    weights = np.exp(log_weights(dists, tau, nbr_values))  # (Q, k)
+    match = nbr_values == targets[:, None]
+    return np.where(match, weights, 0.0).sum(axis=1)
+
+
+def interpolate(p_lm: np.ndarray, p_knn: np.ndarray, lam: float | np.ndarray) -> np.ndarray:
+    """p_kNNLM = lam * p_kNN + (1 - lam) * p_LM (lam may be per query)."""
+    return lam * p_knn + (1.0 - lam) * p_lm
+
+
+def hits_at(nbr_values: np.ndarray, targets: np.ndarray, ks: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """hit@k (Q,) bool for each k <= the number of neighbours: target among the first k."""
+    match = nbr_values == targets[:, None]  # (Q, k)
+    first = first_match_rank(match)
+    return {k: (first > 0) & (first <= k) for k in ks if k <= nbr_values.shape[1]}
+
+
+def first_match_rank(match: np.ndarray) -> np.ndarray:
+    """1-based rank of the first True per row (Q,) int32; 0 where there is none."""
+    any_match = match.any(axis=1)
+    return np.where(any_match, np.argmax(match, axis=1) + 1, 0).astype(np.int32)
+
+
+def target_stats(nbr_values: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(target_rank (Q,) with 0 = none, n_target (Q,)) of each query's neighbours."""
+    match = nbr_values == targets[:, None]
+    return first_match_rank(match), match.sum(axis=1).astype(np.int32)
+
+
+def top_tokens(dists: np.ndarray, nbr_values: np.ndarray, tau: float, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `top` most probable tokens of each query's p_kNN: (token ids (Q, top), probs (Q, top)).
+
+    Vectorised: sort each row by value, sum weights per run of equal values, rank the runs.
+    Rows with fewer distinct tokens are padded with token -1 and probability 0.
+    """
+    q, k = nbr_values.shape
+    weights = np.exp(log_weights(dists, tau, nbr_values))  # (Q, k)
+    order = np.argsort(nbr_values, axis=1, kind="stable")
+    vals = np.take_along_axis(nbr_values, order, axis=1).ravel()  # (Q*k,) sorted within rows
+    w = np.take_along_axis(weights, order, axis=1).ravel()
+    rows = np.repeat(np.arange(q), k)
+    starts = np.flatnonzero(np.r_[True, (vals[1:] != vals[:-1]) | (rows[1:] != rows[:-1])])
+    seg_w, seg_v, seg_r = np.add.reduceat(w, starts), vals[starts], rows[starts]
+    keep = seg_v != PAD
+    seg_w, seg_v, seg_r = seg_w[keep], seg_v[keep], seg_r[keep]
+    by_row = np.lexsort((-seg_w, seg_r))  # row ascending, weight descending
+    seg_w, seg_v, seg_r = seg_w[by_row], seg_v[by_row], seg_r[by_row]
+    row_start = np.searchsorted(seg_r, np.arange(q))
+    rank = np.arange(len(seg_r)) - row_start[seg_r]
+    sel = rank < top
+    ids = np.full((q, top), PAD, dtype=np.int64)
+    probs = np.zeros((q, top), dtype=np.float64)
+    ids[seg_r[sel], rank[sel]] = seg_v[sel]
+    probs[seg_r[sel], rank[sel]] = seg_w[sel]
+    return ids, probs

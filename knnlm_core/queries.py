@@ -1,0 +1,323 @@
+"""Read-only SQL over a run's `metrics.duckdb` (SPEC §6, §7) for the dashboard.
+
+Every function takes a DuckDB cursor plus plain values and returns a pandas DataFrame
+(or a small dict). User values are always bound as SQL parameters; column names used for
+sorting come from a whitelist. Aggregation happens in SQL: no function loads a whole
+per-position table into pandas. No streamlit, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import duckdb
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from knnlm_core.bins import bin_labels
+from knnlm_core.store import HIT_KS
+
+OUTCOMES = ("all", "helped", "harmed")  # helped: gain > 0, harmed: gain < 0
+OCCURRENCE_SORTS = {  # UI name -> ORDER BY clause (whitelist)
+    "position": "pos",
+    "gain (worst first)": "gain ASC, pos",
+    "gain (best first)": "gain DESC, pos",
+    "p_LM (lowest first)": "p_lm ASC, pos",
+    "p_kNN (highest first)": "p_knn DESC, pos",
+}
+TYPE_METRICS = ("cv", "contamination", "pq_error_mean")
+
+
+def _df(cur: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pd.DataFrame:
+    """Run parameterized SQL and return a DataFrame."""
+    return cur.execute(sql, params or []).df()
+
+
+def add_bin_label(df: pd.DataFrame) -> pd.DataFrame:
+    """Insert a `bin` label column (knnlm_core.bins) right after `freq_bin`."""
+    df = df.copy()
+    df.insert(df.columns.get_loc("freq_bin") + 1, "bin", bin_labels(df["freq_bin"].to_numpy()))
+    return df
+
+
+def hit_ks_for(run_k: int) -> tuple[int, ...]:
+    """The hit@k cut-offs defined for a run (those <= its k)."""
+    return tuple(k for k in HIT_KS if k <= run_k)
+
+
+# --------------------------------------------------------------------------- run metadata
+
+
+def run_info(cur: duckdb.DuckDBPyConnection) -> dict:
+    """The single `run` row as a dict, with `config` parsed from `config_json`."""
+    row = _df(cur, "SELECT * FROM run LIMIT 1")
+    if row.empty:
+        return {}
+    info = {k: (None if pd.isna(v) else v) for k, v in row.iloc[0].to_dict().items()}
+    try:
+        info["config"] = json.loads(info.get("config_json") or "{}")
+    except json.JSONDecodeError:
+        info["config"] = {}
+    for key in ("k", "n_eval", "n_entries", "nprobe", "store_neighbors", "dim"):
+        if info.get(key) is not None:
+            info[key] = int(info[key])
+    return info
+
+
+def bin_list(cur: duckdb.DuckDBPyConnection) -> list[int]:
+    """Frequency bins that occur among evaluation targets, ascending."""
+    return [int(b) for b in _df(cur, "SELECT DISTINCT freq_bin FROM eval_tokens ORDER BY 1")["freq_bin"]]
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def eval_filter(
+    bin_lo: int | None = None,
+    bin_hi: int | None = None,
+    token_ids: list[int] | None = None,
+    outcome: str = "all",
+    alias: str = "",
+) -> tuple[str, list]:
+    """WHERE clause (without WHERE) and params over eval_tokens for the dashboard filters."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {OUTCOMES}")
+    a = f"{alias}." if alias else ""
+    clauses, params = ["TRUE"], []
+    if bin_lo is not None:
+        clauses.append(f"{a}freq_bin >= ?")
+        params.append(int(bin_lo))
+    if bin_hi is not None:
+        clauses.append(f"{a}freq_bin <= ?")
+        params.append(int(bin_hi))
+    if token_ids:
+        clauses.append(f"{a}token_id = ANY(?)")
+        params.append([int(t) for t in token_ids])
+    if outcome == "helped":
+        clauses.append(f"{a}gain > 0")
+    elif outcome == "harmed":
+        clauses.append(f"{a}gain < 0")
+    return " AND ".join(clauses), params
+
+
+# --------------------------------------------------------------------------- per-bin summaries
+
+
+def bin_summary(
+    cur: duckdb.DuckDBPyConnection,
+    run_k: int,
+    bin_lo: int | None = None,
+    bin_hi: int | None = None,
+    token_ids: list[int] | None = None,
+    outcome: str = "all",
+) -> pd.DataFrame:
+    """SPEC §6 per-bin table: counts, PPL LM / kNN-LM, mean p, share harmed, hit@k, type metrics.
+
+    Type-level columns (mean_cv, mean_contamination, mean_pq_error) average over the
+    datastore types (freq >= 1) of the bin, restricted to `token_ids` when given.
+    `nontarget_share` = mean over tokens of 1 - n_target / run_k.
+    """
+    where, params = eval_filter(bin_lo, bin_hi, token_ids, outcome)
+    ks = hit_ks_for(run_k)
+    hit_sql = ", ".join(f"avg(hit_{k}::DOUBLE) AS hit_{k}" for k in ks)
+    t_where, t_params = eval_filter(bin_lo, bin_hi, token_ids)
+    sql = f"""
+    WITH agg AS (
+        SELECT freq_bin, count(*) AS n_tokens, count(DISTINCT token_id) AS n_types_eval,
+               exp(avg(nll_lm)) AS ppl_lm, exp(avg(nll_knnlm)) AS ppl_knnlm,
+               avg(p_lm) AS mean_p_lm, avg(p_knn) AS mean_p_knn, avg(gain) AS mean_gain,
+               avg((gain < 0)::DOUBLE) AS share_harmed, {hit_sql},
+               1 - avg(n_target) / ? AS nontarget_share,
+               avg(query_pq_error) AS mean_query_pq_error
+        FROM eval_tokens WHERE {where} GROUP BY freq_bin),
+    ty AS (
+        SELECT freq_bin, count(*) AS n_types_datastore, avg(cv) AS mean_cv,
+               avg(contamination) AS mean_contamination, avg(pq_error_mean) AS mean_pq_error
+        FROM token_types WHERE freq >= 1 AND {t_where} GROUP BY freq_bin)
+    SELECT agg.*, ty.n_types_datastore, ty.mean_cv, ty.mean_contamination, ty.mean_pq_error
+    FROM agg LEFT JOIN ty USING (freq_bin) ORDER BY freq_bin
+    """
+    return add_bin_label(_df(cur, sql, [float(run_k), *params, *t_params]))
+
+
+def overall(cur: duckdb.DuckDBPyConnection, bin_lo=None, bin_hi=None, token_ids=None, outcome="all") -> dict:
+    """Totals over the filtered evaluation tokens: n, PPL LM / kNN-LM, share harmed."""
+    where, params = eval_filter(bin_lo, bin_hi, token_ids, outcome)
+    sql = f"""SELECT count(*) AS n_tokens, exp(avg(nll_lm)) AS ppl_lm, exp(avg(nll_knnlm)) AS ppl_knnlm,
+                     avg((gain < 0)::DOUBLE) AS share_harmed, avg(gain) AS mean_gain
+              FROM eval_tokens WHERE {where}"""
+    return _df(cur, sql, params).iloc[0].to_dict()
+
+
+# --------------------------------------------------------------------------- correlations
+
+
+def pearson_p(r: float, n: int) -> float:
+    """Two-sided p-value of a Pearson r over n pairs (t-test with n - 2 d.o.f.)."""
+    if n < 3 or r is None or not math.isfinite(r):
+        return float("nan")
+    if abs(r) >= 1.0:
+        return 0.0
+    t = r * math.sqrt((n - 2) / (1.0 - r * r))
+    return float(2.0 * stats.t.sf(abs(t), n - 2))
+
+
+def _corr(cur, sql: str, params: list) -> dict:
+    """{'r', 'n', 'p'} from a query returning (corr, count)."""
+    r, n = cur.execute(sql, params).fetchone()
+    r = float("nan") if r is None else float(r)
+    n = int(n or 0)
+    return {"r": r, "n": n, "p": pearson_p(r, n)}
+
+
+def corr_pq_error_gain(cur, bin_lo=None, bin_hi=None, token_ids=None, outcome="all") -> dict:
+    """Pearson r over evaluation tokens between the target type's pq_error_mean and gain (SPEC §6)."""
+    where, params = eval_filter(bin_lo, bin_hi, token_ids, outcome, alias="e")
+    sql = f"""SELECT corr(t.pq_error_mean, e.gain), count(*) FROM eval_tokens e
+              JOIN token_types t USING (token_id)
+              WHERE t.pq_error_mean IS NOT NULL AND {where}"""
+    return _corr(cur, sql, params)
+
+
+def corr_context_freq(cur, bin_lo=None, bin_hi=None, token_ids=None, outcome="all") -> dict:
+    """Pearson r over evaluation tokens between log10 context_freq and log10 freq (both >= 1)."""
+    where, params = eval_filter(bin_lo, bin_hi, token_ids, outcome)
+    sql = f"""SELECT corr(log10(context_freq), log10(freq)), count(*) FROM eval_tokens
+              WHERE freq >= 1 AND context_freq >= 1 AND {where}"""
+    return _corr(cur, sql, params)
+
+
+def corr_freq_pq_error(cur) -> dict:
+    """Pearson r over datastore types between log10 freq and pq_error_mean (rarer = larger error?)."""
+    sql = """SELECT corr(log10(freq), pq_error_mean), count(*) FROM token_types
+             WHERE freq >= 1 AND pq_error_mean IS NOT NULL"""
+    return _corr(cur, sql, [])
+
+
+def type_gain(cur, bin_lo=None, bin_hi=None, token_ids=None, outcome="all") -> pd.DataFrame:
+    """Per evaluated type: freq, bin, cv, contamination, pq_error_mean, mean gain and count."""
+    where, params = eval_filter(bin_lo, bin_hi, token_ids, outcome, alias="e")
+    sql = f"""SELECT e.token_id, t.token, t.freq, t.freq_bin, t.cv, t.contamination, t.pq_error_mean,
+                     avg(e.gain) AS mean_gain, count(*) AS n_eval
+              FROM eval_tokens e JOIN token_types t USING (token_id)
+              WHERE {where} GROUP BY ALL ORDER BY t.freq DESC, e.token_id"""
+    return add_bin_label(_df(cur, sql, params))
+
+
+def pearson_of(x: np.ndarray, y: np.ndarray) -> dict:
+    """{'r', 'n', 'p'} of two arrays, ignoring pairs with a NaN."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    n = int(ok.sum())
+    if n < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
+        return {"r": float("nan"), "n": n, "p": float("nan")}
+    r = float(np.corrcoef(x[ok], y[ok])[0, 1])
+    return {"r": r, "n": n, "p": pearson_p(r, n)}
+
+
+# --------------------------------------------------------------------------- token types
+
+
+def find_types(cur: duckdb.DuckDBPyConnection, query: str, limit: int = 50) -> pd.DataFrame:
+    """Token types matching `query`: an integer is a token id; text matches exactly
+    (ignoring surrounding whitespace and case) first, then as a substring; frequent first."""
+    query = (query or "").strip("\n")
+    cols = "token_id, token, freq, freq_bin, cv, contamination, pq_error_mean, eval_count"
+    if query.strip().lstrip("-").isdigit():
+        df = _df(cur, f"SELECT {cols} FROM token_types WHERE token_id = ?", [int(query.strip())])
+        return add_bin_label(df)
+    if not query.strip():
+        return add_bin_label(_df(cur, f"SELECT {cols} FROM token_types LIMIT 0"))
+    sql = f"""SELECT {cols} FROM token_types
+              WHERE contains(lower(token), lower(?))
+              ORDER BY (token = ?) DESC, (lower(trim(token)) = lower(trim(?))) DESC, freq DESC, token_id
+              LIMIT ?"""
+    return add_bin_label(_df(cur, sql, [query.strip(), query, query, int(limit)]))
+
+
+def type_percentiles(cur: duckdb.DuckDBPyConnection, token_id: int) -> pd.DataFrame:
+    """For cv, contamination, pq_error_mean: the type's value, its bin's median and quartiles,
+    and its percentile (share of the bin's datastore types with a value <= it)."""
+    parts = []
+    for m in TYPE_METRICS:  # m is from the whitelist TYPE_METRICS
+        parts.append(f"""SELECT '{m}' AS metric, any_value(t.{m}) AS value,
+            quantile_cont(b.{m}, 0.25) AS bin_q25, median(b.{m}) AS bin_median,
+            quantile_cont(b.{m}, 0.75) AS bin_q75,
+            avg(CASE WHEN b.{m} IS NULL OR t.{m} IS NULL THEN NULL ELSE (b.{m} <= t.{m})::DOUBLE END)
+                AS percentile_in_bin,
+            count(b.{m}) AS n_types_in_bin
+          FROM (SELECT * FROM token_types WHERE token_id = ?) t
+          JOIN token_types b ON b.freq_bin = t.freq_bin AND b.freq >= 1""")
+    return _df(cur, " UNION ALL ".join(parts), [int(token_id)] * len(TYPE_METRICS))
+
+
+def bin_type_metrics(cur: duckdb.DuckDBPyConnection, freq_bin: int) -> pd.DataFrame:
+    """cv, contamination, pq_error_mean of every datastore type in one bin (for distributions)."""
+    sql = "SELECT token_id, token, freq, cv, contamination, pq_error_mean FROM token_types WHERE freq_bin = ? AND freq >= 1"
+    return _df(cur, sql, [int(freq_bin)])
+
+
+def occurrences(
+    cur: duckdb.DuckDBPyConnection, token_id: int, run_k: int, sort: str = "position", limit: int = 500, width: int = 8
+) -> pd.DataFrame:
+    """Evaluation positions whose target is `token_id`: p_LM, p_kNN, gain, hits, rank, and the
+    last `width` context tokens (one set-based join)."""
+    if sort not in OCCURRENCE_SORTS:
+        raise ValueError(f"sort must be one of {list(OCCURRENCE_SORTS)}")
+    hits = ", ".join(f"hit_{k}" for k in hit_ks_for(run_k))
+    sql = f"""
+    WITH o AS (
+        SELECT pos, p_lm, p_knn, p_knnlm, gain, {hits}, target_rank, n_target, query_pq_error, context_freq
+        FROM eval_tokens WHERE token_id = ? ORDER BY {OCCURRENCE_SORTS[sort]} LIMIT ?),
+    c AS (
+        SELECT o.pos, string_agg(coalesce(v.token, '?'), '' ORDER BY e.pos) AS context
+        FROM o JOIN range(0, ?) r(off) ON TRUE
+        JOIN eval_tokens e ON e.pos = o.pos - r.off
+        LEFT JOIN vocab v ON v.token_id = e.context_token_id
+        GROUP BY o.pos)
+    SELECT o.pos, c.context, o.* EXCLUDE (pos) FROM o LEFT JOIN c USING (pos)
+    ORDER BY {OCCURRENCE_SORTS[sort]}
+    """
+    return _df(cur, sql, [int(token_id), int(limit), int(width)])
+
+
+# --------------------------------------------------------------------------- one evaluation position
+
+
+def eval_row(cur: duckdb.DuckDBPyConnection, pos: int) -> dict:
+    """Every column of eval_tokens at `pos` ({} when out of range)."""
+    df = _df(cur, "SELECT * FROM eval_tokens WHERE pos = ?", [int(pos)])
+    return {} if df.empty else df.iloc[0].to_dict()
+
+
+def eval_context(cur: duckdb.DuckDBPyConnection, pos: int, width: int = 64) -> pd.DataFrame:
+    """Left context of `pos`: stream tokens pos-width+1..pos (`context_token_id`), decoded."""
+    sql = """SELECT e.pos, e.context_token_id AS token_id, v.token FROM eval_tokens e
+             LEFT JOIN vocab v ON v.token_id = e.context_token_id
+             WHERE e.pos BETWEEN ? AND ? ORDER BY e.pos"""
+    return _df(cur, sql, [int(pos) - int(width) + 1, int(pos)])
+
+
+def top_predictions(cur: duckdb.DuckDBPyConnection, pos: int, which: str) -> pd.DataFrame:
+    """Top LM (`which='lm'`) or kNN (`'knn'`) predictions at `pos`: rank, token_id, token, p."""
+    table, col = {"lm": ("lm_top", "p_lm"), "knn": ("knn_top", "p_knn")}[which]
+    sql = f"""SELECT t.rank, t.token_id, v.token, t.{col} AS p FROM {table} t
+              LEFT JOIN vocab v USING (token_id) WHERE t.pos = ? ORDER BY t.rank"""
+    return _df(cur, sql, [int(pos)])
+
+
+def neighbors(cur: duckdb.DuckDBPyConnection, pos: int, width: int = 12) -> pd.DataFrame:
+    """Stored neighbours of `pos` with rank, entry, value token, distances and each entry's
+    left context (datastore_tokens pos in [entry - width + 1, entry]) in one set-based query."""
+    sql = """
+    WITH n AS (SELECT rank, entry, token_id, distance_pq, distance_exact FROM neighbors WHERE pos = ?),
+    o AS (SELECT n.rank, n.entry - r.off AS dpos FROM n JOIN range(0, ?) r(off) ON TRUE WHERE n.entry - r.off >= 0),
+    c AS (SELECT o.rank, string_agg(coalesce(v.token, '?'), '' ORDER BY o.dpos) AS context
+          FROM o JOIN datastore_tokens d ON d.pos = o.dpos
+          LEFT JOIN vocab v ON v.token_id = d.token_id GROUP BY o.rank)
+    SELECT n.rank, n.entry, n.token_id, v.token, n.distance_pq, n.distance_exact, c.context
+    FROM n LEFT JOIN vocab v USING (token_id) LEFT JOIN c USING (rank) ORDER BY n.rank
+    """
+    return _df(cur, sql, [int(pos), int(width)])

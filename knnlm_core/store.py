@@ -1,0 +1,108 @@
+"""DuckDB storage of a run (SPEC §7): schema, atomic writer, read-only opener.
+
+Tables hold at least the SPEC §7 columns; extensions are documented in docs/SCHEMA.md
+(`lm_top`, `knn_top`, `vocab`, and extra columns such as `context_token_id`). Writers
+build `metrics.duckdb.tmp`, CHECKPOINT, close and rename, so readers never see a partial
+file. Tables are written ordered by their lookup key (`pos`, `token_id`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+SCHEMA_VERSION = 1
+DB_NAME = "metrics.duckdb"
+HIT_KS = (1, 8, 16, 64, 256, 1024)
+
+SCHEMA_SQL = f"""
+CREATE TABLE run (
+    run_name VARCHAR, model VARCHAR, n_entries BIGINT, n_eval BIGINT, dim INTEGER,
+    index_factory VARCHAR, nprobe INTEGER, k INTEGER, temperature DOUBLE, "lambda" DOUBLE,
+    distance_source VARCHAR, ppl_lm DOUBLE, ppl_knnlm DOUBLE,
+    schema_version INTEGER, store_neighbors INTEGER, hook_point VARCHAR, contamination_mode VARCHAR,
+    datastore_corpus VARCHAR, eval_corpus VARCHAR, created_at VARCHAR, config_json VARCHAR
+);
+CREATE TABLE eval_tokens (
+    pos INTEGER, token_id INTEGER, token VARCHAR, freq BIGINT, freq_bin SMALLINT,
+    p_lm DOUBLE, p_knn DOUBLE, p_knnlm DOUBLE, nll_lm DOUBLE, nll_knnlm DOUBLE, gain DOUBLE,
+    {", ".join(f"hit_{k} BOOLEAN" for k in HIT_KS)},
+    target_rank INTEGER, n_target INTEGER, query_pq_error DOUBLE, context_freq BIGINT,
+    context_token_id INTEGER
+);
+CREATE TABLE token_types (
+    token_id INTEGER, token VARCHAR, freq BIGINT, freq_bin SMALLINT, cv DOUBLE, contamination DOUBLE,
+    pq_error_mean DOUBLE, pq_error_max DOUBLE, eval_count BIGINT
+);
+CREATE TABLE neighbors (
+    pos INTEGER, rank SMALLINT, entry BIGINT, token_id INTEGER, distance_pq REAL, distance_exact REAL
+);
+CREATE TABLE datastore_tokens (pos BIGINT, token_id INTEGER);
+CREATE TABLE lm_top (pos INTEGER, rank SMALLINT, token_id INTEGER, p_lm REAL);
+CREATE TABLE knn_top (pos INTEGER, rank SMALLINT, token_id INTEGER, p_knn REAL);
+CREATE TABLE vocab (token_id INTEGER, token VARCHAR);
+"""
+
+# Table -> ORDER BY used when writing (lookup keys first).
+TABLE_ORDER = {
+    "run": None,
+    "eval_tokens": "pos",
+    "token_types": "token_id",
+    "neighbors": "pos, rank",
+    "datastore_tokens": "pos",
+    "lm_top": "pos, rank",
+    "knn_top": "pos, rank",
+    "vocab": "token_id",
+}
+
+
+class RunSchemaError(RuntimeError):
+    """The run's database is missing, unreadable or from another schema version."""
+
+
+def write_database(path: Path, tables: dict[str, pd.DataFrame]) -> Path:
+    """Write all tables to `path` atomically (temp file, CHECKPOINT, rename)."""
+    missing = set(TABLE_ORDER) - set(tables)
+    if missing:
+        raise ValueError(f"tables missing from the run: {sorted(missing)}")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        con.execute(SCHEMA_SQL)
+        for name, order in TABLE_ORDER.items():
+            frame = tables[name]  # noqa: F841 (read by DuckDB's replacement scan)
+            cols = ", ".join(f'"{c}"' for c in con.execute(f"SELECT * FROM {name} LIMIT 0").fetchdf().columns)
+            order_sql = f" ORDER BY {order}" if order else ""
+            con.execute(f"INSERT INTO {name} SELECT {cols} FROM frame{order_sql}")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    os.replace(tmp, path)
+    return path
+
+
+def open_readonly(path: Path) -> duckdb.DuckDBPyConnection:
+    """Read-only connection to a run database; RunSchemaError if absent, corrupt or outdated."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunSchemaError(f"no {DB_NAME} at {path.parent} (build the run with `python -m precompute`)")
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+        version = con.execute("SELECT schema_version FROM run").fetchone()
+    except duckdb.Error as err:
+        if "con" in locals():
+            con.close()
+        raise RunSchemaError(f"{path} is not a readable run database ({str(err).splitlines()[0]}); rebuild it") from err
+    if version is None or version[0] != SCHEMA_VERSION:
+        con.close()
+        found = None if version is None else version[0]
+        raise RunSchemaError(
+            f"run at {path.parent} has schema version {found}, this app reads {SCHEMA_VERSION}: "
+            "rebuild it with `python -m precompute --config ... --run-dir ... --overwrite`"
+        )
+    return con

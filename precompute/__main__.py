@@ -1,0 +1,75 @@
+"""CLI: `python -m precompute --config PATH --run-dir DIR [overrides]` builds (or resumes) a run.
+
+Errors a user can fix are printed as one line `error: ...` with exit code 2; the run
+directory is left as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from knnlm_core.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m precompute",
+        description="Build a kNN-LM long-tail run: datastore keys, FAISS index, kNN-LM scores and "
+        "per-token metrics in DIR/metrics.duckdb (SPEC §7). Rerunning resumes; finished stages are skipped.",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="TOML preset (see configs/)")
+    parser.add_argument("--run-dir", type=Path, required=True, help="directory of the run (created if absent)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run built with another config (stages whose inputs did not change are reused)")
+    parser.add_argument("--run-name", help="name shown in the dashboard (default: the directory name)")
+    over = parser.add_argument_group("config overrides")
+    over.add_argument("--model", help="hub name (e.g. gpt2-xl) or local model directory")
+    over.add_argument("--k", type=int, help="neighbours used for p_kNN")
+    over.add_argument("--nprobe", type=int, help="inverted lists visited per query")
+    over.add_argument("--temperature", type=float, help="softmax temperature τ on distances")
+    over.add_argument("--lambda", dest="lam", type=float, help="interpolation weight λ")
+    over.add_argument("--distance-source", choices=["pq", "exact"], help="distances used for p_kNN")
+    over.add_argument("--index-factory", help="faiss index_factory string, e.g. IVF4096,PQ64")
+    over.add_argument("--eval-corpus", help="evaluation text file")
+    over.add_argument("--eval-limit-tokens", type=int, help="evaluate only the first N tokens")
+    over.add_argument("--store-neighbors", type=int, help="neighbours per position kept in DuckDB")
+    over.add_argument("--device", choices=["cpu", "cuda"])
+    over.add_argument("--threads", type=int)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {
+        "model": args.model, "k": args.k, "nprobe": args.nprobe, "temperature": args.temperature, "lam": args.lam,
+        "distance_source": args.distance_source, "index_factory": args.index_factory,
+        "eval_corpus": args.eval_corpus, "eval_limit_tokens": args.eval_limit_tokens,
+        "store_neighbors": args.store_neighbors, "device": args.device, "threads": args.threads,
+    }
+    from knnlm_core.corpus import CorpusError
+    from knnlm_core.index import IndexConfigError
+
+    from precompute.pipeline import RunError
+
+    known = (ConfigError, CorpusError, IndexConfigError, RunError)
+    try:
+        from knnlm_core.model import ModelError
+
+        known = (*known, ModelError)
+        cfg = load_config(args.config, overrides)
+        from precompute.pipeline import build_run
+
+        build_run(cfg, args.run_dir, overwrite=args.overwrite, run_name=args.run_name)
+    except known as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished stages are kept)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny random models and real runs built by the real pipeline.
+
+Runs are built once per test session from the shipped WikiText-2 slices with a tiny
+GPT-2 (random weights, real GPT-2 tokenizer), a real IVFPQ index and a real DuckDB file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER_DIR = REPO / "data" / "tokenizers" / "gpt2"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_RUN_CONFIG = {
+    "datastore_corpus": str(REPO / "data/corpora/wikitext2-valid.raw.gz"),
+    "datastore_limit_tokens": 6000,
+    "eval_corpus": str(REPO / "data/corpora/wikitext2-test.raw.gz"),
+    "eval_limit_tokens": 500,
+    "index_factory": "IVF8,PQ8x4",
+    "train_size": 0,
+    "nprobe": 4,
+    "k": 64,
+    "store_neighbors": 16,
+    "batch_size": 8,
+    "threads": 2,
+}
+
+
+def make_tiny_model(path: Path, family: str = "gpt2", seed: int = 0, hidden: int = 64) -> Path:
+    """Save a tiny randomly initialised causal LM of `family` (+ the GPT-2 tokenizer) to `path`."""
+    import torch
+    import transformers
+
+    from knnlm_core.corpus import load_tokenizer
+
+    torch.manual_seed(seed)
+    tok = load_tokenizer(str(TOKENIZER_DIR))
+    vocab = len(tok)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=128, n_embd=hidden, n_layer=2, n_head=2)
+        model = transformers.GPT2LMHeadModel(cfg)
+    elif family == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=4 * hidden,
+                                         max_position_embeddings=128)
+        model = transformers.GPTNeoXForCausalLM(cfg)
+    elif family == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2,
+                                       intermediate_size=2 * hidden, max_position_embeddings=128)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2,
+                                         intermediate_size=2 * hidden, max_position_embeddings=128)
+        model = transformers.MistralForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_toml(path: Path, values: dict) -> Path:
+    """Write a flat TOML file (strings, numbers, booleans)."""
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {str(value).lower()}")
+        elif isinstance(value, str):
+            lines.append(f'{key} = "{value}"')
+        else:
+            lines.append(f"{key} = {value}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def build_tiny_run(run_dir: Path, model_dir: Path, **overrides) -> Path:
+    """Build a real run with the pipeline (in-process) from TINY_RUN_CONFIG + overrides."""
+    from knnlm_core.config import load_config
+    from precompute.pipeline import build_run
+
+    cfg_path = write_toml(run_dir.parent / f"{run_dir.name}.toml", {"model": str(model_dir), **TINY_RUN_CONFIG})
+    cfg = load_config(cfg_path, overrides)
+    return build_run(cfg, run_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory, tiny_model) -> Path:
+    """A runs directory with two real runs: `tiny` (PQ distances) and `tiny-exact` (exact distances)."""
+    root = tmp_path_factory.mktemp("runs")
+    build_tiny_run(root / "tiny", tiny_model)
+    build_tiny_run(root / "tiny-exact", tiny_model, distance_source="exact")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(runs_root) -> Path:
+    """Path of a complete real run directory (manifest.json, metrics.duckdb, keys.npy, ...)."""
+    return runs_root / "tiny"
+
+
+@pytest.fixture
+def fresh_run(tmp_path, tiny_run) -> Path:
+    """A private copy of the tiny run that a test may modify."""
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst)
+    return dst

@@ -1,0 +1,184 @@
+"""Tests of knnlm_core.store (SPEC §7): atomic DuckDB writer and the read-only, version-checked opener."""
+
+from __future__ import annotations
+
+import os
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from knnlm_core import store
+from knnlm_core.store import DB_NAME, HIT_KS, SCHEMA_VERSION, TABLE_ORDER, RunSchemaError, open_readonly, write_database
+
+SPEC_COLUMNS = {
+    "run": "run_name model n_entries n_eval dim index_factory nprobe k temperature lambda distance_source "
+    "ppl_lm ppl_knnlm",
+    "eval_tokens": "pos token_id token freq freq_bin p_lm p_knn p_knnlm nll_lm nll_knnlm gain hit_1 hit_8 hit_16 "
+    "hit_64 hit_256 hit_1024 target_rank n_target query_pq_error context_freq",
+    "token_types": "token_id token freq freq_bin cv contamination pq_error_mean pq_error_max eval_count",
+    "neighbors": "pos rank entry token_id distance_pq distance_exact",
+    "datastore_tokens": "pos token_id",
+}
+
+
+def schema_columns() -> dict[str, list[str]]:
+    """Column names of every table, read from the schema itself."""
+    con = duckdb.connect()
+    con.execute(store.SCHEMA_SQL)
+    cols = {t: [r[0] for r in con.execute(f"DESCRIBE {t}").fetchall()] for t in TABLE_ORDER}
+    con.close()
+    return cols
+
+
+def make_tables(n_eval: int = 5, version: int = SCHEMA_VERSION, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Minimal valid tables; eval_tokens and neighbors rows are shuffled to check the write order."""
+    rng = np.random.default_rng(seed)
+    cols = schema_columns()
+    run = {c: [None] for c in cols["run"]}
+    run.update(run_name=["t"], model=["m"], n_entries=[100], n_eval=[n_eval], k=[8], temperature=[10.0],
+               schema_version=[version])
+    run["lambda"] = [0.25]
+    pos = rng.permutation(n_eval)
+    ev = {c: np.zeros(n_eval) for c in cols["eval_tokens"]}
+    ev.update(pos=pos, token_id=pos + 10, token=[f"tok{p}" for p in pos], p_lm=pos / 10.0)
+    ev.update({f"hit_{k}": pos % 2 == 0 for k in HIT_KS})
+    nb_pos = np.repeat(pos, 2)
+    nb = {c: np.zeros(2 * n_eval) for c in cols["neighbors"]}
+    nb.update(pos=nb_pos, rank=np.tile([2, 1], n_eval), entry=np.arange(2 * n_eval))
+    tables = {
+        "run": pd.DataFrame(run),
+        "eval_tokens": pd.DataFrame(ev),
+        "token_types": pd.DataFrame({c: [3, 1] if c == "token_id" else [0, 0] for c in cols["token_types"]}).assign(
+            token=["c", "a"]),
+        "neighbors": pd.DataFrame(nb),
+        "datastore_tokens": pd.DataFrame({"pos": [2, 0, 1], "token_id": [7, 8, 9]}),
+        "lm_top": pd.DataFrame({"pos": [0], "rank": [1], "token_id": [4], "p_lm": [0.5]}),
+        "knn_top": pd.DataFrame({"pos": [0], "rank": [1], "token_id": [4], "p_knn": [0.5]}),
+        "vocab": pd.DataFrame({"token_id": [1, 0], "token": ["b", "a"]}),
+    }
+    return tables
+
+
+def test_schema_has_spec_columns():
+    cols = schema_columns()
+    for table, names in SPEC_COLUMNS.items():
+        assert set(names.split()) <= set(cols[table]), table
+    assert "schema_version" in cols["run"]
+
+
+def test_write_and_read_back(tmp_path):
+    path = write_database(tmp_path / DB_NAME, make_tables())
+    assert path == tmp_path / DB_NAME
+    con = open_readonly(path)
+    try:
+        assert con.execute("SELECT run_name, k, \"lambda\", schema_version FROM run").fetchall() == [
+            ("t", 8, 0.25, SCHEMA_VERSION)]
+        # rows are written ordered by their lookup keys
+        assert [r[0] for r in con.execute("SELECT pos FROM eval_tokens").fetchall()] == list(range(5))
+        row = con.execute("SELECT token, p_lm, hit_1 FROM eval_tokens WHERE pos = 3").fetchone()
+        assert row == ("tok3", 0.3, False)
+        nb = con.execute("SELECT pos, rank FROM neighbors").fetchall()
+        assert nb == sorted(nb) and len(nb) == 10
+        assert [r[0] for r in con.execute("SELECT token_id FROM token_types").fetchall()] == [1, 3]
+        assert con.execute("SELECT * FROM datastore_tokens").fetchall() == [(0, 8), (1, 9), (2, 7)]
+    finally:
+        con.close()
+
+
+def test_write_is_temp_then_rename(tmp_path, monkeypatch):
+    calls = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        calls.append((str(src), str(dst), os.path.exists(src), os.path.exists(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", spy)
+    target = tmp_path / DB_NAME
+    write_database(target, make_tables())
+    assert calls == [(str(target) + ".tmp", str(target), True, False)]  # target appears only via rename
+    assert not (tmp_path / (DB_NAME + ".tmp")).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DB_NAME]
+
+
+def test_stale_temp_file_is_replaced(tmp_path):
+    (tmp_path / (DB_NAME + ".tmp")).write_bytes(b"left over from a crash")
+    write_database(tmp_path / DB_NAME, make_tables())
+    assert not (tmp_path / (DB_NAME + ".tmp")).exists()
+    open_readonly(tmp_path / DB_NAME).close()
+
+
+def test_overwrite_replaces_whole_file(tmp_path):
+    path = tmp_path / DB_NAME
+    write_database(path, make_tables(n_eval=5))
+    write_database(path, make_tables(n_eval=3, seed=1))
+    con = open_readonly(path)
+    assert con.execute("SELECT count(*) FROM eval_tokens").fetchone()[0] == 3
+    con.close()
+
+
+def test_failed_write_keeps_the_old_database(tmp_path):
+    path = tmp_path / DB_NAME
+    write_database(path, make_tables(n_eval=4))
+    before = path.read_bytes()
+    bad = make_tables()
+    bad["eval_tokens"] = bad["eval_tokens"].drop(columns=["gain"])
+    with pytest.raises(duckdb.Error):
+        write_database(path, bad)
+    assert path.read_bytes() == before
+    con = open_readonly(path)
+    assert con.execute("SELECT count(*) FROM eval_tokens").fetchone()[0] == 4
+    con.close()
+
+
+def test_missing_tables_rejected(tmp_path):
+    tables = make_tables()
+    del tables["vocab"], tables["lm_top"]
+    with pytest.raises(ValueError, match="lm_top.*vocab"):
+        write_database(tmp_path / DB_NAME, tables)
+    assert not any(tmp_path.iterdir())
+
+
+def test_open_readonly_is_read_only(tmp_path):
+    con = open_readonly(write_database(tmp_path / DB_NAME, make_tables()))
+    with pytest.raises(duckdb.Error):
+        con.execute("CREATE TABLE x (a INTEGER)")
+    con.close()
+
+
+def test_open_missing_file(tmp_path):
+    with pytest.raises(RunSchemaError, match="no metrics.duckdb"):
+        open_readonly(tmp_path / DB_NAME)
+
+
+@pytest.mark.parametrize("version", [0, SCHEMA_VERSION + 1])
+def test_open_wrong_schema_version(tmp_path, version):
+    path = write_database(tmp_path / DB_NAME, make_tables(version=version))
+    with pytest.raises(RunSchemaError, match=f"schema version {version}.*rebuild"):
+        open_readonly(path)
+
+
+def test_open_empty_run_table(tmp_path):
+    tables = make_tables()
+    tables["run"] = tables["run"].iloc[:0]
+    path = write_database(tmp_path / DB_NAME, tables)
+    with pytest.raises(RunSchemaError, match="schema version None"):
+        open_readonly(path)
+
+
+def test_open_corrupt_file(tmp_path):
+    path = tmp_path / DB_NAME
+    path.write_bytes(np.random.default_rng(0).bytes(20000))
+    with pytest.raises(RunSchemaError, match="not a readable run database"):
+        open_readonly(path)
+
+
+def test_open_database_without_run_table(tmp_path):
+    path = tmp_path / DB_NAME
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE other (a INTEGER)")
+    con.close()
+    with pytest.raises(RunSchemaError, match="rebuild"):
+        open_readonly(path)
