@@ -53,7 +53,7 @@ class RunConfig:
     seed: int = 0
     threads: int = 2
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Return self if consistent, else raise ConfigError naming the field and the fix."""
         checks = [
             (self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),

@@ -12,24 +12,34 @@ import numpy as np
 PAD = -1  # value of a missing neighbour
 
 
-def log_weights(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> np.ndarray:
-    """Normalised log softmax weights (Q, k) of -dists / tau; -inf on missing neighbours."""
+def log_normaliser(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> np.ndarray:
+    """log Σ_j exp(-d_j / tau) over the present neighbours (Q,); 0 for a row with none."""
     assert dists.shape == nbr_values.shape and dists.ndim == 2
     logits = -dists.astype(np.float64) / tau  # (Q, k)
     logits[nbr_values == PAD] = -np.inf
-    top = np.max(logits, axis=1, keepdims=True)  # (Q, 1)
-    top[~np.isfinite(top)] = 0.0  # a row with no neighbour at all: every weight stays -inf
+    top = np.max(logits, axis=1)  # (Q,)
+    top[~np.isfinite(top)] = 0.0  # a row with no neighbour at all
     with np.errstate(divide="ignore"):
-        lse = top + np.log(np.sum(np.exp(logits - top), axis=1, keepdims=True))
-    lse[~np.isfinite(lse)] = 0.0  # no neighbour: -inf - (-inf) would be NaN
-    return logits - lse
+        lse = top + np.log(np.sum(np.exp(logits - top[:, None]), axis=1))
+    lse[~np.isfinite(lse)] = 0.0  # no neighbour: keep every weight at -inf rather than NaN
+    return lse
+
+
+def log_weights(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> np.ndarray:
+    """Normalised log softmax weights (Q, k) of -dists / tau; -inf on missing neighbours."""
+    logits = -dists.astype(np.float64) / tau  # (Q, k)
+    logits[nbr_values == PAD] = -np.inf
+    return logits - log_normaliser(dists, tau, nbr_values)[:, None]
 
 
 def p_knn_of(dists: np.ndarray, nbr_values: np.ndarray, targets: np.ndarray, tau: float) -> np.ndarray:
     """p_kNN(target) per query (Q,): summed softmax weight of neighbours whose value is the target."""
-    weights = np.exp(log_weights(dists, tau, nbr_values))  # (Q, k)
-    match = nbr_values == targets[:, None]
-    return np.where(match, weights, 0.0).sum(axis=1)
+    return p_knn_from_weights(np.exp(log_weights(dists, tau, nbr_values)), nbr_values, targets)
+
+
+def p_knn_from_weights(weights: np.ndarray, nbr_values: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """p_kNN(target) (Q,) from normalised neighbour weights (Q, k)."""
+    return np.where(nbr_values == targets[:, None], weights, 0.0).sum(axis=1)
 
 
 def interpolate(p_lm: np.ndarray, p_knn: np.ndarray, lam: float | np.ndarray) -> np.ndarray:
@@ -59,12 +69,16 @@ def target_stats(nbr_values: np.ndarray, targets: np.ndarray) -> tuple[np.ndarra
 def top_tokens(dists: np.ndarray, nbr_values: np.ndarray, tau: float, top: int) -> tuple[np.ndarray, np.ndarray]:
     """The `top` most probable tokens of each query's p_kNN: (token ids (Q, top), probs (Q, top)).
 
-    Vectorised: sort each row by value, sum weights per run of equal values, rank the runs.
     Rows with fewer distinct tokens are padded with token -1 and probability 0.
     """
+    return top_tokens_from_weights(np.exp(log_weights(dists, tau, nbr_values)), nbr_values, top)
+
+
+def top_tokens_from_weights(weights: np.ndarray, nbr_values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """top_tokens from normalised weights (Q, k): sort each row by value, sum weights per run of
+    equal values, then rank the runs of each row by weight (one argsort on row + (1 - weight))."""
     q, k = nbr_values.shape
-    weights = np.exp(log_weights(dists, tau, nbr_values))  # (Q, k)
-    order = np.argsort(nbr_values, axis=1, kind="stable")
+    order = np.argsort(nbr_values, axis=1)
     vals = np.take_along_axis(nbr_values, order, axis=1).ravel()  # (Q*k,) sorted within rows
     w = np.take_along_axis(weights, order, axis=1).ravel()
     rows = np.repeat(np.arange(q), k)
@@ -72,7 +86,7 @@ def top_tokens(dists: np.ndarray, nbr_values: np.ndarray, tau: float, top: int) 
     seg_w, seg_v, seg_r = np.add.reduceat(w, starts), vals[starts], rows[starts]
     keep = seg_v != PAD
     seg_w, seg_v, seg_r = seg_w[keep], seg_v[keep], seg_r[keep]
-    by_row = np.lexsort((-seg_w, seg_r))  # row ascending, weight descending
+    by_row = np.argsort(seg_r * 2.0 + (1.0 - seg_w), kind="stable")  # row ascending, weight descending
     seg_w, seg_v, seg_r = seg_w[by_row], seg_v[by_row], seg_r[by_row]
     row_start = np.searchsorted(seg_r, np.arange(q))
     rank = np.arange(len(seg_r)) - row_start[seg_r]

@@ -65,7 +65,9 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu") -
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=local)
     except (OSError, ValueError) as err:
         where = "local directory" if local else "hub name (no network? use a local directory)"
-        raise ModelError(f"cannot load model config from {name_or_path} as a {where}: {str(err).splitlines()[0]}")
+        raise ModelError(
+            f"cannot load model config from {name_or_path} as a {where}: {str(err).splitlines()[0]}"
+        ) from err
     if config.model_type not in HOOK_POINTS:
         raise ModelError(
             f"unsupported model family '{config.model_type}': supported are {', '.join(sorted(HOOK_POINTS))} "

@@ -31,7 +31,7 @@ CREATE TABLE eval_tokens (
     p_lm DOUBLE, p_knn DOUBLE, p_knnlm DOUBLE, nll_lm DOUBLE, nll_knnlm DOUBLE, gain DOUBLE,
     {", ".join(f"hit_{k} BOOLEAN" for k in HIT_KS)},
     target_rank INTEGER, n_target INTEGER, query_pq_error DOUBLE, context_freq BIGINT,
-    context_token_id INTEGER
+    context_token_id INTEGER, knn_log_z DOUBLE
 );
 CREATE TABLE token_types (
     token_id INTEGER, token VARCHAR, freq BIGINT, freq_bin SMALLINT, cv DOUBLE, contamination DOUBLE,

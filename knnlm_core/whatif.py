@@ -51,8 +51,18 @@ def load_neighbours(cur: duckdb.DuckDBPyConnection) -> StoredNeighbours:
     ev = cur.execute("SELECT token_id, p_lm, p_knn, freq_bin FROM eval_tokens ORDER BY pos").fetchnumpy()
     t = len(ev["token_id"])
     s = int(cur.execute("SELECT coalesce(max(rank), 0) FROM neighbors").fetchone()[0])
-    nb = cur.execute("SELECT pos, rank, token_id, distance_pq, distance_exact FROM neighbors").fetchnumpy()
-    nbr_values, dists_pq, dists_exact = _to_grid(nb, t, s)
+    n_rows = int(cur.execute("SELECT count(*) FROM neighbors").fetchone()[0])
+    if n_rows == t * s:
+        # Complete table: the pipeline writes it ORDER BY pos, rank and DuckDB preserves insertion
+        # order, so the three value columns reshape to (T, S) without reading pos / rank.
+        nb = cur.execute("SELECT token_id, distance_pq, distance_exact FROM neighbors").fetchnumpy()
+        nbr_values, dists_pq, dists_exact = (
+            np.asarray(nb[c], dtype=d).reshape(t, s)
+            for c, d in (("token_id", np.int32), ("distance_pq", np.float32), ("distance_exact", np.float32))
+        )
+    else:
+        nb = cur.execute("SELECT pos, rank, token_id, distance_pq, distance_exact FROM neighbors").fetchnumpy()
+        nbr_values, dists_pq, dists_exact = _to_grid(nb, t, s)
     tf = cur.execute("SELECT token_id, freq FROM token_types").fetchnumpy()
     vocab_size = int(max(tf["token_id"].max(initial=0), nbr_values.max(initial=0), ev["token_id"].max(initial=0))) + 1
     type_freq = np.zeros(vocab_size, dtype=np.int64)  # (V,)

@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     from knnlm_core.corpus import CorpusError
     from knnlm_core.index import IndexConfigError
-
     from precompute.pipeline import RunError
 
     known = (ConfigError, CorpusError, IndexConfigError, RunError)

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,14 @@ from knnlm_core.index import (
     set_nprobe,
     train_index,
 )
-from knnlm_core.knn import interpolate, log_weights, p_knn_of, target_stats, top_tokens
+from knnlm_core.knn import (
+    PAD,
+    interpolate,
+    log_normaliser,
+    p_knn_from_weights,
+    target_stats,
+    top_tokens_from_weights,
+)
 from knnlm_core.metrics import (
     centroids,
     coefficient_of_variation,
@@ -233,10 +240,9 @@ def check_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
 
 # ---------------------------------------------------------------- stages
 
-def stage_tokenize(run: Run, ds_ids: np.ndarray, ev_ids: np.ndarray) -> dict:
-    save_npy(run.path("datastore_ids.npy"), ds_ids)
-    save_npy(run.path("eval_ids.npy"), ev_ids)
-    return {"n_datastore_tokens": int(len(ds_ids)), "n_eval_tokens": int(len(ev_ids))}
+def stage_tokenize(run: Run, name: str, ids: np.ndarray) -> dict:
+    save_npy(run.path(name), ids)
+    return {}
 
 
 def extract(run: Run, ids: np.ndarray, keys_out: np.ndarray, desc: str,
@@ -324,6 +330,27 @@ def stage_index(run: Run) -> dict:
             "faiss_version": faiss.__version__}
 
 
+def search_batch(index, keys: np.ndarray, values: np.ndarray, q: np.ndarray, targets: np.ndarray,
+                 cfg: RunConfig) -> dict[str, np.ndarray]:
+    """All per-position retrieval results of one batch of queries q (B, d) float32 (SPEC §2, §4)."""
+    s = cfg.store_neighbors_effective
+    dists, ids = search(index, q, cfg.k)  # (B, k)
+    nbr_values = np.where(ids >= 0, values[np.maximum(ids, 0)], -1)  # (B, k), -1 = missing
+    exact = exact_sq_dists(q, keys, ids if cfg.distance_source == "exact" else ids[:, :s])
+    used = exact if cfg.distance_source == "exact" else dists
+    target_rank, n_target = target_stats(nbr_values, targets)
+    log_z = log_normaliser(used, cfg.temperature, nbr_values)  # (B,)
+    logits = np.where(nbr_values == PAD, -np.inf, -used.astype(np.float64) / cfg.temperature)
+    weights = np.exp(logits - log_z[:, None])  # (B, k) softmax weights, computed once
+    knn_top_ids, knn_top_p = top_tokens_from_weights(weights, nbr_values, KNN_TOP)
+    return {
+        "p_knn": p_knn_from_weights(weights, nbr_values, targets), "target_rank": target_rank,
+        "n_target": n_target, "n_found": (ids >= 0).sum(axis=1), "nbr_ids": ids[:, :s], "dist_pq": dists[:, :s],
+        "dist_exact": exact[:, :s], "knn_top_ids": knn_top_ids, "knn_top_p": knn_top_p,
+        "query_pq_error": reconstruction_error(index, q), "knn_log_z": log_z,
+    }
+
+
 def stage_search(run: Run) -> dict:
     cfg = run.cfg
     keys, values = open_keys(run)
@@ -331,43 +358,27 @@ def stage_search(run: Run) -> dict:
     set_nprobe(index, cfg.nprobe)
     queries = load_npy(run.path("queries.npy"), (run.info["n_eval"], run.info["dim"]), np.float16)
     targets = np.asarray(load_npy(run.path("eval_ids.npy")))[1:].astype(np.int64)
-    t, s = len(targets), cfg.store_neighbors_effective
-    out = {
-        "p_knn": np.empty(t), "target_rank": np.empty(t, np.int32), "n_target": np.empty(t, np.int32),
-        "n_found": np.empty(t, np.int32), "nbr_ids": np.empty((t, s), np.int64),
-        "dist_pq": np.empty((t, s), np.float32), "dist_exact": np.empty((t, s), np.float32),
-        "knn_top_ids": np.empty((t, KNN_TOP), np.int64), "knn_top_p": np.empty((t, KNN_TOP)),
-    }
-    with tqdm(total=t, desc="search", unit="query", dynamic_ncols=True) as bar:
-        for lo in range(0, t, cfg.search_batch):
-            sl = slice(lo, min(lo + cfg.search_batch, t))
-            q = np.asarray(queries[sl], dtype=np.float32)  # (B, d)
-            dists, ids = search(index, q, cfg.k)  # (B, k)
-            nbr_values = np.where(ids >= 0, values[np.maximum(ids, 0)], -1)  # (B, k), -1 = missing
-            exact = exact_sq_dists(q, keys, ids if cfg.distance_source == "exact" else ids[:, :s])
-            used = exact if cfg.distance_source == "exact" else dists
-            out["p_knn"][sl] = p_knn_of(used, nbr_values, targets[sl], cfg.temperature)
-            out["target_rank"][sl], out["n_target"][sl] = target_stats(nbr_values, targets[sl])
-            out["n_found"][sl] = (ids >= 0).sum(axis=1)
-            out["nbr_ids"][sl], out["dist_pq"][sl], out["dist_exact"][sl] = ids[:, :s], dists[:, :s], exact[:, :s]
-            out["knn_top_ids"][sl], out["knn_top_p"][sl] = top_tokens(used, nbr_values, cfg.temperature, KNN_TOP)
-            bar.update(sl.stop - sl.start)
-    save_npz(run.path("search.npz"), **out)
+    parts: list[dict[str, np.ndarray]] = []
+    with tqdm(total=len(targets), desc="search", unit="query", dynamic_ncols=True) as bar:
+        for lo in range(0, len(targets), cfg.search_batch):
+            hi = min(lo + cfg.search_batch, len(targets))
+            parts.append(search_batch(index, keys, values, np.asarray(queries[lo:hi], dtype=np.float32),
+                                      targets[lo:hi], cfg))
+            bar.update(hi - lo)
+    save_npz(run.path("search.npz"), **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
     return {}
 
 
 def stage_pq(run: Run) -> dict:
+    """||k_i - k̂_i||² of every datastore entry (SPEC §5 PQ error)."""
     keys, _ = open_keys(run)
     index = open_index(run)
-    queries = load_npy(run.path("queries.npy"))
     entry_err = np.empty(len(keys))
     with tqdm(total=len(keys), desc="PQ error", unit="key", dynamic_ncols=True) as bar:
         for lo in range(0, len(keys), 65536):
             entry_err[lo : lo + 65536] = reconstruction_error(index, keys[lo : lo + 65536])
             bar.update(min(65536, len(keys) - lo))
-    query_err = np.concatenate([reconstruction_error(index, queries[lo : lo + 65536])
-                                for lo in range(0, len(queries), 65536)])
-    save_npz(run.path("pq.npz"), entry_pq_error=entry_err, query_pq_error=query_err)
+    save_npz(run.path("pq.npz"), entry_pq_error=entry_err)
     return {}
 
 
@@ -412,7 +423,7 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
     cfg, info = run.cfg, run.info
     ev_ids = np.asarray(load_npy(run.path("eval_ids.npy")))
     ds_ids = np.asarray(load_npy(run.path("datastore_ids.npy")))
-    lm, se, pq, ty = (load_npz(run.path(f)) for f in ("eval_lm.npz", "search.npz", "pq.npz", "types.npz"))
+    lm, se, ty = (load_npz(run.path(f)) for f in ("eval_lm.npz", "search.npz", "types.npz"))
     targets, context = ev_ids[1:], ev_ids[:-1]
     t = len(targets)
     freq = ty["freq"]
@@ -436,9 +447,10 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
     target_rank[rank <= 0] = pd.NA  # SPEC §4: NULL when no neighbour carries the target
     eval_tokens["target_rank"] = target_rank
     eval_tokens["n_target"] = se["n_target"]
-    eval_tokens["query_pq_error"] = pq["query_pq_error"]
+    eval_tokens["query_pq_error"] = se["query_pq_error"]
     eval_tokens["context_freq"] = freq[context]
     eval_tokens["context_token_id"] = context.astype(np.int32)
+    eval_tokens["knn_log_z"] = se["knn_log_z"]  # neighbour j's weight in p_kNN = exp(-d_j / τ - knn_log_z)
 
     eval_count = np.bincount(targets, minlength=len(freq))
     type_ids = np.flatnonzero((freq > 0) | (eval_count > 0))
@@ -547,38 +559,41 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     if stages_path.exists() and (run_dir / "run_config.json").exists():
         run.stages = json.loads(stages_path.read_text())
     run.info.update(facts, max_context=max_context, stride=stride,
-                    created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    tok_key = {"tokenizer": cfg.tokenizer or cfg.model, "corpora": corpora}
-    tokenized = run.stages.get("tokenize", {}).get("key") == digest(tok_key)
-    ds_ids = ev_ids = None
-    if not tokenized or not run.path("datastore_ids.npy").exists():
-        ds_ids = tokenize_file(resolve_path(cfg.datastore_corpus), run.tokenizer, cfg.datastore_limit_tokens or None)
-        ev_ids = tokenize_file(resolve_path(cfg.eval_corpus), run.tokenizer, cfg.eval_limit_tokens or None)
-        n_entries = len(ds_ids) - 1
-    else:
-        n_entries = len(load_npy(run.path("datastore_ids.npy"))) - 1
-    n_train = min(cfg.train_size or n_entries, n_entries)
-    check_factory(cfg.index_factory, facts["dim"], n_train)
+                    created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    tokenizer_name = cfg.tokenizer or cfg.model
+    ds_key = {"tokenizer": tokenizer_name, "corpus": corpora["datastore"]}
+    ev_key = {"tokenizer": tokenizer_name, "corpus": corpora["eval"]}
+    fresh = {}  # tokenized in memory during validation, persisted by the tokenize stages
+    for name, key, rel, limit in (("datastore_ids.npy", ds_key, cfg.datastore_corpus, cfg.datastore_limit_tokens),
+                                  ("eval_ids.npy", ev_key, cfg.eval_corpus, cfg.eval_limit_tokens)):
+        stage = "tokenize_" + name.split("_")[0]
+        if run.stages.get(stage, {}).get("key") != digest(key) or not run.path(name).exists():
+            fresh[name] = tokenize_file(resolve_path(rel), run.tokenizer, limit or None)
+    n_entries = len(fresh["datastore_ids.npy"]) - 1 if "datastore_ids.npy" in fresh else \
+        len(load_npy(run.path("datastore_ids.npy"))) - 1
+    check_factory(cfg.index_factory, facts["dim"], min(cfg.train_size or n_entries, n_entries))
     # ---- compute
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(run.path("run_config.json"), cfg.to_dict())
-    k_tok = run_stage(run, "tokenize", tok_key, ["datastore_ids.npy", "eval_ids.npy"],
-                      lambda: stage_tokenize(run, ds_ids, ev_ids))
+    k_dtok = run_stage(run, "tokenize_datastore", ds_key, ["datastore_ids.npy"],
+                       lambda: stage_tokenize(run, "datastore_ids.npy", fresh["datastore_ids.npy"]))
+    k_etok = run_stage(run, "tokenize_eval", ev_key, ["eval_ids.npy"],
+                       lambda: stage_tokenize(run, "eval_ids.npy", fresh["eval_ids.npy"]))
     ds = np.asarray(load_npy(run.path("datastore_ids.npy")))
     ev = np.asarray(load_npy(run.path("eval_ids.npy")))
     run.info["n_entries"], run.info["n_eval"] = len(ds) - 1, len(ev) - 1
     run.info["vocab_size"] = int(max(facts["model_vocab_size"], ds.max() + 1, ev.max() + 1))
     model_key = {"model": cfg.model, "dtype": cfg.dtype, "max_context": max_context, "stride": stride}
-    k_ds = run_stage(run, "datastore", {"up": k_tok, **model_key}, ["keys.npy", "values.npy"],
+    k_ds = run_stage(run, "datastore", {"up": k_dtok, **model_key}, ["keys.npy", "values.npy"],
                      lambda: stage_datastore(run))
-    k_ev = run_stage(run, "eval_lm", {"up": k_tok, "lm_top": cfg.lm_top, **model_key},
+    k_ev = run_stage(run, "eval_lm", {"up": k_etok, "lm_top": cfg.lm_top, **model_key},
                      ["queries.npy", "eval_lm.npz"], lambda: stage_eval_lm(run))
     k_ix = run_stage(run, "index", {"up": k_ds, "factory": cfg.index_factory, "train_size": cfg.train_size,
                                     "seed": cfg.seed}, ["index.faiss"], lambda: stage_index(run))
     k_se = run_stage(run, "search", {"up": [k_ix, k_ev], "k": cfg.k, "nprobe": cfg.nprobe, "tau": cfg.temperature,
                                      "source": cfg.distance_source, "store": cfg.store_neighbors_effective},
                      ["search.npz"], lambda: stage_search(run))
-    k_pq = run_stage(run, "pq", {"up": [k_ix, k_ev]}, ["pq.npz"], lambda: stage_pq(run))
+    k_pq = run_stage(run, "pq", {"up": k_ix}, ["pq.npz"], lambda: stage_pq(run))
     k_ty = run_stage(run, "types", {"up": [k_ds, k_pq], "mode": cfg.contamination_search,
                                     "nprobe": cfg.nprobe if cfg.contamination_search == "index" else None},
                      ["types.npz"], lambda: stage_types(run))

@@ -53,7 +53,7 @@ class TrainConfig:
     eval_stride: int = 256  # sliding-window stride for validation PPL
 
     @classmethod
-    def from_toml(cls, path: Path) -> "TrainConfig":
+    def from_toml(cls, path: Path) -> TrainConfig:
         """Load from a TOML file; unknown keys are an error."""
         data = tomllib.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
@@ -127,6 +127,11 @@ def export(model, tokenizer, cfg: TrainConfig, history: dict) -> Path:
     model.to(torch.float16).save_pretrained(tmp)
     model.to(torch.float32)
     tokenizer.save_pretrained(tmp)
+    # Ship the BPE files (1.5 MB) instead of tokenizer.json (3.5 MB): AutoTokenizer rebuilds the
+    # same tokenizer from them and tokenizer_config.json, and data/ must stay small.
+    (tmp / "tokenizer.json").unlink(missing_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(resolve(cfg.tokenizer) / name, tmp / name)
     (tmp / "training.json").write_text(json.dumps({"config": asdict(cfg), **history}, indent=2))
     (tmp / "README.md").write_text(model_card(cfg, history))
     shutil.rmtree(out, ignore_errors=True)

@@ -91,11 +91,12 @@ def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: 
                           for row, qq in zip(ids, q)])
     else:
         d_use = np.where(ids >= 0, dist.astype(np.float64), np.inf)
-    p_ref, rank_ref, ntar_ref = [], [], []
+    p_ref, rank_ref, ntar_ref, logz_ref = [], [], [], []
     for drow, vrow, y in zip(d_use, nbr_val, targets[pos]):
         ok = vrow >= 0
         logits = -drow[ok] / tau
         w = np.exp(logits - logits.max())
+        logz_ref.append(logits.max() + np.log(w.sum()))
         w /= w.sum()
         p_ref.append(w[vrow[ok] == y].sum())
         hits = np.flatnonzero(vrow == y)
@@ -103,6 +104,7 @@ def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: 
         ntar_ref.append(len(hits))
     sub = ev.iloc[pos]
     checks.append(_close("p_knn (re-searched)", sub["p_knn"], p_ref, 1e-6, 1e-4))
+    checks.append(_close("knn_log_z (re-searched)", sub["knn_log_z"], logz_ref, 1e-6, 1e-6))
     rank_got = sub["target_rank"].fillna(0).to_numpy(dtype=np.int64)
     checks.append(_equal("target_rank (re-searched)", rank_got, rank_ref))
     checks.append(_equal("n_target (re-searched)", sub["n_target"].to_numpy(), ntar_ref))

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import TINY_RUN_CONFIG, build_tiny_run, make_tiny_model, write_toml
+
 from knnlm_core.model import forward_windows, load_model
 from knnlm_core.windows import plan_windows
 from precompute.__main__ import main as cli

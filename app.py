@@ -1,0 +1,33 @@
+"""kNN-LM long-tail diagnostics dashboard (Nishida et al. 2025): `streamlit run app.py`.
+
+Registers every page with st.navigation (first call), draws the run picker and the
+shared run card in the sidebar, then runs the page. Runs are read from $KNNLM_RUNS_DIR
+(default data/runs); see docs/DASHBOARD.md.
+"""
+
+import logging
+
+import streamlit as st
+
+from ui import widgets
+
+PAGES = [
+    st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", url_path="overview", default=True),
+    st.Page("pages/bins.py", title="Frequency bins", icon=":material/bar_chart:", url_path="bins"),
+    st.Page("pages/tokens.py", title="Token explorer", icon=":material/search:", url_path="tokens"),
+    st.Page("pages/neighbors.py", title="Neighbour inspector", icon=":material/hub:", url_path="neighbors"),
+    st.Page("pages/whatif.py", title="What-if", icon=":material/tune:", url_path="whatif"),
+    st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
+]
+
+page = st.navigation(PAGES)
+st.set_page_config(page_title="kNN-LM long tail", page_icon=":material/query_stats:", layout="wide")
+
+run = widgets.run_picker()
+widgets.run_card(widgets.open_run(run))
+
+try:
+    page.run()
+except Exception as err:  # st.stop / st.rerun / switch_page are BaseException and pass through
+    logging.getLogger("knnlm.app").exception("page %s failed", page.title)
+    st.error(f"This page could not be drawn: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")

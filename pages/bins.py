@@ -1,0 +1,95 @@
+"""Frequency bins: per-bin table and charts of SPEC §6 (PPL, p, harmed share, hit@k,
+non-target share, cv, contamination, PQ error) with filters, and the two correlations."""
+
+import streamlit as st
+
+from knnlm_core import queries
+from ui import cache, figures, widgets
+
+run, info = widgets.current_run()
+k = info["k"]
+st.title("Frequency bins")
+
+with st.sidebar:
+    lo, hi = widgets.bin_range(cache.q(run, "bin_list"))
+    text = st.text_input("Token text or id (comma-separated)", key="bins_tokens")
+    outcome = st.radio(
+        "Tokens",
+        queries.OUTCOMES,
+        horizontal=True,
+        key="bins_outcome",
+        format_func={"all": "all", "helped": "helped only", "harmed": "harmed only"}.get,
+    )
+
+token_ids = None
+if text.strip():
+    found = [cache.q(run, "find_types", t.strip(), 1) for t in text.split(",") if t.strip()]
+    token_ids = sorted({int(f["token_id"].iloc[0]) for f in found if not f.empty})
+    if not token_ids:
+        widgets.fail(f"No token type matches `{text}`.", info=True)
+    st.caption(f"Restricted to token ids {token_ids}.")
+
+filters = dict(bin_lo=lo, bin_hi=hi, token_ids=token_ids, outcome=outcome)
+df = cache.q(run, "bin_summary", k, **filters)
+if df.empty:
+    widgets.fail("No evaluation token matches these filters.", info=True)
+
+st.dataframe(df, hide_index=True)
+widgets.csv_button(df, f"{run}-bins")
+
+ks = queries.hit_ks_for(k)
+c1, c2 = st.columns(2)
+c1.plotly_chart(figures.ppl_by_bin(df))
+c2.plotly_chart(
+    figures.bin_bars(
+        df,
+        {"mean_p_lm": "mean p_LM", "mean_p_knn": "mean p_kNN"},
+        "Mean probability of the target",
+        "probability",
+        log_y=True,
+    )
+)
+c1.plotly_chart(
+    figures.bin_bars(df, {"share_harmed": "gain < 0"}, "Share of tokens harmed by kNN-LM", "share", percent=True)
+)
+c2.plotly_chart(figures.hits_by_bin(df, ks))
+c1.plotly_chart(
+    figures.bin_bars(
+        df,
+        {"nontarget_share": "1 − n_target / k"},
+        f"Non-target share of the k = {k} neighbours",
+        "share",
+        percent=True,
+    )
+)
+c2.plotly_chart(
+    figures.bin_bars(
+        df,
+        {"mean_cv": "cv", "mean_contamination": "contamination"},
+        "Types' sparsity (cv) and contamination",
+        "mean over the bin's types",
+    )
+)
+c1.plotly_chart(
+    figures.lines_by_bin(
+        df,
+        {"mean_pq_error": "type keys", "mean_query_pq_error": "queries"},
+        "PQ reconstruction error ||x − x̂||²",
+        "mean squared error",
+    )
+)
+
+st.subheader("Correlations over evaluation tokens")
+cg = cache.q(run, "corr_pq_error_gain", **filters)
+cc = cache.q(run, "corr_context_freq", **filters)
+m1, m2 = st.columns(2)
+m1.metric("pq_error_mean of target type vs gain", f"r = {cg['r']:.3f}", help="paper ≈ −0.20")
+m1.caption(f"n = {cg['n']:,}, p = {cg['p']:.2g}")
+m2.metric("log10 context_freq vs log10 freq", f"r = {cc['r']:.3f}", help="paper −0.12 … −0.02")
+m2.caption(f"n = {cc['n']:,}, p = {cc['p']:.2g} (freq ≥ 1 and context_freq ≥ 1)")
+
+types = cache.q(run, "type_gain", **filters)
+c2.plotly_chart(figures.pq_gain_scatter(types, queries.pearson_of(types["pq_error_mean"], types["mean_gain"])))
+with st.expander(f"Per-type table ({len(types):,} types)"):
+    st.dataframe(types, hide_index=True)
+    widgets.csv_button(types, f"{run}-types")

@@ -1,0 +1,35 @@
+"""Compare runs: two runs side by side per frequency bin (PPL, gain, harmed share, hit rates,
+contamination, PQ error)."""
+
+import pandas as pd
+import streamlit as st
+
+from ui import cache, figures, widgets
+from ui.params import list_runs
+
+run, info = widgets.current_run()
+st.title("Compare runs")
+others = [r for r in list_runs() if r != run]
+if not others:
+    widgets.fail("Only one run is available: build a second run to compare.", info=True)
+run_b = st.selectbox("Compare with", others, key="run_b")
+info_b = widgets.open_run(run_b)
+a, b = cache.q(run, "bin_summary", info["k"]), cache.q(run_b, "bin_summary", info_b["k"])
+
+left, right = st.columns(2)
+widgets.run_card(info, left.container(border=True))
+widgets.run_card(info_b, right.container(border=True))
+
+names = (run, run_b)
+c1, c2 = st.columns(2)
+c1.plotly_chart(figures.compare_bins(a, b, "ppl_knnlm", names, "PPL kNN-LM per bin", log_y=True))
+c2.plotly_chart(figures.compare_bins(a, b, "mean_gain", names, "Mean gain per bin (nats)"))
+c1.plotly_chart(figures.compare_bins(a, b, "share_harmed", names, "Share harmed (gain < 0)", percent=True))
+hit = "hit_16" if "hit_16" in a and "hit_16" in b else "hit_1"
+c2.plotly_chart(figures.compare_bins(a, b, hit, names, hit.replace("_", "@"), percent=True))
+c1.plotly_chart(figures.compare_bins(a, b, "mean_contamination", names, "Mean contamination of the bin's types"))
+c2.plotly_chart(figures.compare_bins(a, b, "mean_pq_error", names, "Mean PQ error of the bin's types"))
+
+merged = pd.merge(a, b, on=["freq_bin", "bin"], how="outer", suffixes=(f" [{run}]", f" [{run_b}]"))
+st.dataframe(merged, hide_index=True)
+widgets.csv_button(merged, f"compare-{run}-vs-{run_b}")

@@ -1,0 +1,63 @@
+"""Neighbour inspector (`?pos=`): one evaluation position's context, p_LM / p_kNN / p_kNNLM,
+LM vs kNN top predictions, and its stored neighbours with their datastore contexts."""
+
+import numpy as np
+import streamlit as st
+
+from ui import cache, figures, widgets
+from ui.render import context_html, fmt_p, show_token
+
+run, info = widgets.current_run()
+st.title("Neighbour inspector")
+last = info["n_eval"] - 1
+widgets.page_param_int("pos", 0, last)  # a bad ?pos= stops here with a clear message
+pos = int(st.number_input("Evaluation position", 0, last, 0, key="pos", bind="query-params"))
+
+row = cache.q(run, "eval_row", pos)
+if not row:
+    widgets.fail(f"Position {pos} is not in this run's evaluation set.")
+ctx = cache.q(run, "eval_context", pos, 64)
+st.markdown(context_html(list(ctx["token"].fillna("?")), row["token"]), unsafe_allow_html=True)
+st.caption(
+    f"Target {show_token(row['token'])} (id {row['token_id']}, datastore freq {row['freq']:,}); "
+    f"last context token freq {row['context_freq']:,}."
+)
+
+c = st.columns(5)
+c[0].metric("p_LM", fmt_p(row["p_lm"]))
+c[1].metric("p_kNN", fmt_p(row["p_knn"]))
+c[2].metric("p_kNN-LM", fmt_p(row["p_knnlm"]))
+c[3].metric("gain (nats)", f"{row['gain']:+.3f}")
+c[4].metric("query PQ error", f"{row['query_pq_error']:.4g}")
+rank = row["target_rank"]
+st.caption(
+    f"Target rank among the k = {info['k']} neighbours: {'none' if rank is None or rank != rank else int(rank)}; "
+    f"neighbours carrying it: {row['n_target']}."
+)
+
+lm, knn_top = cache.q(run, "top_predictions", pos, "lm"), cache.q(run, "top_predictions", pos, "knn")
+st.plotly_chart(figures.top_predictions(lm, knn_top, row["token"]))
+
+nb = cache.q(run, "neighbors", pos, 12).copy()
+if nb.empty:
+    widgets.fail("No neighbours stored for this position (store_neighbors = 0).", info=True)
+dist = nb["distance_pq" if info["distance_source"] == "pq" else "distance_exact"].to_numpy(np.float64)
+nb.insert(4, "hit", nb["token_id"] == row["token_id"])
+# Exact weight in the run's p_kNN: the search stage stored log Σ_j exp(-d_j/τ) over all k neighbours.
+nb["weight_in_p_knn"] = np.exp(-dist / float(info["temperature"]) - float(row["knn_log_z"]))
+st.subheader(f"Stored neighbours ({len(nb)} of k = {info['k']})")
+st.caption(
+    f"`weight_in_p_knn` = exp(−d/τ − log Z): each neighbour's share of the run's p_kNN over all k = {info['k']} "
+    f"neighbours ({info['distance_source']} distances, τ = {info['temperature']}). The hit rows' weights over all "
+    f"k sum to p_kNN = {fmt_p(row['p_knn'])}."
+)
+st.dataframe(
+    nb,
+    hide_index=True,
+    column_config={
+        "weight_in_p_knn": st.column_config.ProgressColumn(
+            format="%.4f", min_value=0.0, max_value=float(max(nb["weight_in_p_knn"].max(), 1e-12))
+        )
+    },
+)
+widgets.csv_button(nb, f"{run}-pos-{pos}-neighbours")

@@ -1,0 +1,44 @@
+"""Overview: the run card, overall perplexity, PPL per frequency bin, and the paper's
+findings (SPEC §6) checked on this run."""
+
+import streamlit as st
+
+from ui import cache, figures, findings, widgets
+
+MARKS = {True: "⚠", False: "✗", None: "–"}  # a note on a finding that holds is a caveat
+run, info = widgets.current_run()
+st.title("kNN-LM long-tail diagnostics")
+st.caption(
+    "Reproducing Nishida et al. 2025, *Long-Tail Crisis in Nearest Neighbor Language Models*. "
+    "Pick the run in the sidebar (URL `?run=`)."
+)
+
+with st.container(border=True):
+    widgets.run_card(info, st)
+
+k = info["k"]
+bins = cache.q(run, "bin_summary", k)
+tot = cache.q(run, "overall")
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("PPL LM", f"{tot['ppl_lm']:.2f}")
+c2.metric(
+    "PPL kNN-LM", f"{tot['ppl_knnlm']:.2f}", delta=f"{tot['ppl_knnlm'] - tot['ppl_lm']:+.2f}", delta_color="inverse"
+)
+c3.metric("evaluation tokens", f"{int(tot['n_tokens']):,}")
+c4.metric("tokens harmed (gain < 0)", f"{100 * tot['share_harmed']:.1f}%")
+
+st.plotly_chart(figures.ppl_by_bin(bins, "Perplexity per target-frequency bin: LM vs kNN-LM"))
+
+st.subheader("The paper's findings on this run")
+checks = findings.evaluate(
+    bins, k, cache.q(run, "corr_pq_error_gain"), cache.q(run, "corr_context_freq"), cache.q(run, "corr_freq_pq_error")
+)
+table = findings.to_frame(checks)
+n_ok = sum(f.ok is True for f in checks)
+n_eval = sum(f.ok is not None for f in checks)
+st.markdown(f"**{n_ok} of {n_eval}** checkable findings hold on this run.")
+st.dataframe(table, hide_index=True, column_config={"verdict": st.column_config.TextColumn(width="small")})
+for f in checks:
+    if f.note:
+        st.markdown(f"- {MARKS[f.ok]} {f.note}")
+widgets.csv_button(table, f"{run}-findings")

@@ -1,0 +1,181 @@
+"""One AppTest per dashboard page on real runs (tests/conftest.py `runs_root`), plus the
+error paths: missing run, old schema, bad ?pos=, empty runs directory."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from knnlm_core import store
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+@pytest.fixture
+def runs_env(runs_root, monkeypatch):
+    """Point the app at the test runs and start from empty streamlit caches."""
+    monkeypatch.setenv("KNNLM_RUNS_DIR", str(runs_root))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield runs_root
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def open_page(page: str, run: str = "tiny", **params) -> AppTest:
+    """Run app.py, switch to pages/<page>.py with URL params, and return the finished AppTest."""
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.query_params["run"] = run
+    at.run()
+    at.switch_page(f"pages/{page}.py")
+    for key, value in params.items():
+        at.query_params[key] = str(value)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def _run_row(runs_root: Path, name: str = "tiny") -> dict:
+    con = store.open_readonly(runs_root / name / store.DB_NAME)
+    try:
+        return con.execute("SELECT * FROM run").df().iloc[0].to_dict()
+    finally:
+        con.close()
+
+
+def _texts(at: AppTest) -> str:
+    return " ".join(str(e.value) for kind in (at.markdown, at.caption, at.info, at.warning, at.error) for e in kind)
+
+
+def test_overview(runs_env):
+    at = open_page("overview")
+    run = _run_row(runs_env)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["PPL LM"] == f"{run['ppl_lm']:.2f}"
+    assert metrics["PPL kNN-LM"] == f"{run['ppl_knnlm']:.2f}"
+    findings = at.dataframe[0].value
+    assert len(findings) == 8 and set(findings["verdict"]) <= {"✓", "✗", "–"}
+    assert "checkable findings hold" in _texts(at)
+    assert not at.error
+
+
+def test_bins_page_and_filters(runs_env):
+    at = open_page("bins")
+    table = at.dataframe[0].value
+    con = store.open_readonly(runs_env / "tiny" / store.DB_NAME)
+    n_bins = con.execute("SELECT count(DISTINCT freq_bin) FROM eval_tokens").fetchone()[0]
+    con.close()
+    assert len(table) == n_bins and {"ppl_lm", "ppl_knnlm", "hit_64", "mean_contamination"} <= set(table.columns)
+    assert "r =" in " ".join(m.value for m in at.metric)
+    at.radio(key="bins_outcome").set_value("harmed").run()
+    assert not at.exception
+    assert (at.dataframe[0].value["share_harmed"] == 1.0).all()
+    at.text_input(key="bins_tokens").set_value("no-such-token-xyz").run()
+    assert "No token type matches" in _texts(at)
+
+
+def test_tokens_page(runs_env):
+    con = store.open_readonly(runs_env / "tiny" / store.DB_NAME)
+    tid, count = con.execute("SELECT token_id, eval_count FROM token_types ORDER BY eval_count DESC LIMIT 1").fetchone()
+    con.close()
+    at = open_page("tokens", token=tid)
+    occ = at.dataframe[-1].value
+    assert len(occ) == count and {"pos", "p_lm", "p_knn", "gain", "context"} <= set(occ.columns)
+    assert "Inspect position" in str(at.get("page_link")[0].proto.label)
+    at.text_input(key="token").set_value("zzqqxx-none").run()
+    assert "No token type matches" in _texts(at)
+
+
+def _eval_row(runs_env, pos):
+    con = duckdb.connect(str(runs_env / "tiny" / "metrics.duckdb"), read_only=True)
+    row = con.execute(
+        "SELECT e.p_knn, e.knn_log_z, r.temperature FROM eval_tokens e, run r WHERE e.pos = ?", [pos]
+    ).fetchdf().iloc[0]
+    con.close()
+    return row
+
+
+def test_neighbors_page(runs_env):
+    run = _run_row(runs_env)
+    at = open_page("neighbors", pos=5)
+    assert at.number_input(key="pos").value == 5
+    nb = at.dataframe[0].value
+    assert len(nb) == run["store_neighbors"]
+    assert {"rank", "token", "hit", "distance_pq", "distance_exact", "weight_in_p_knn", "context"} <= set(nb.columns)
+    row = _eval_row(runs_env, 5)
+    # Exact p_kNN weights: rank-ordered (non-increasing), the stored 16 of k = 64 sum to at most 1,
+    # and the stored hits' weights never exceed the run's p_kNN (which sums hits over all 64).
+    w = nb["weight_in_p_knn"].to_numpy()
+    assert (w[:-1] >= w[1:] - 1e-12).all() and 0 < w.sum() <= 1 + 1e-9
+    assert w[nb["hit"].to_numpy()].sum() <= row["p_knn"] + 1e-9
+    assert w[0] == pytest.approx(np.exp(-nb["distance_pq"].iloc[0] / row["temperature"] - row["knn_log_z"]), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad, message", [("999999", "out of range"), ("abc", "not an integer"), ("-1", "out of range")]
+)
+def test_neighbors_bad_pos(runs_env, bad, message):
+    at = open_page("neighbors", pos=bad)
+    assert at.error and message in at.error[0].value
+
+
+def test_whatif_page(runs_env):
+    run = _run_row(runs_env)
+    at = open_page("whatif")
+    k = at.slider(key="k")
+    assert k.max == run["store_neighbors"] and k.value == run["store_neighbors"]
+    assert "differs from the run's" in _texts(at)
+    assert {"ppl_knnlm_run", "ppl_what-if", "ppl_per-bin λ"} <= set(at.dataframe[-1].value.columns)
+    at.toggle(key="whatif_idf").set_value(True).run()
+    assert "ppl_IDF-weighted" in at.dataframe[-1].value.columns
+    at.slider(key="tau").set_value(2.0).run()
+    at.slider(key="k").set_value(4).run()
+    assert not at.exception
+
+
+def test_whatif_k_beyond_stored_note(runs_env):
+    at = open_page("whatif", k=1000)
+    assert "exceeds the 16 neighbours stored" in _texts(at)
+
+
+def test_compare_page(runs_env):
+    at = open_page("compare")
+    assert at.selectbox(key="run_b").value == "tiny-exact"
+    merged = at.dataframe[0].value
+    assert "ppl_knnlm [tiny]" in merged.columns and "ppl_knnlm [tiny-exact]" in merged.columns
+
+
+def test_unknown_run(runs_env):
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.query_params["run"] = "no-such-run"
+    at.run()
+    assert not at.exception
+    assert at.error and "not found" in at.error[0].value
+
+
+def test_old_schema_run(fresh_run, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.move(str(fresh_run), root / "old")
+    con = duckdb.connect(str(root / "old" / store.DB_NAME))
+    con.execute("UPDATE run SET schema_version = 0")
+    con.close()
+    monkeypatch.setenv("KNNLM_RUNS_DIR", str(root))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception
+    assert at.error and "schema version 0" in at.error[0].value and "rebuild" in at.error[0].value
+
+
+def test_empty_runs_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNNLM_RUNS_DIR", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception
+    assert at.info and "No run found" in at.info[0].value

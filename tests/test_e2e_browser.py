@@ -1,0 +1,129 @@
+"""Real-browser test: `streamlit run app.py` on a free port, headless Debian Chromium via
+Playwright (never a Playwright browser download). Opens every page, goes from the token
+explorer to the neighbour inspector, and downloads a CSV."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+# Generous: a cold Streamlit server on a loaded 2-core CI machine can take tens of seconds per page.
+UI_TIMEOUT_MS = 120_000
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-dev-shm-usage",
+]
+PAGES = {
+    "overview": "kNN-LM long-tail diagnostics",
+    "bins": "Frequency bins",
+    "tokens": "Token explorer",
+    "neighbors": "Neighbour inspector",
+    "whatif": "What-if re-scoring",
+    "compare": "Compare runs",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs_root):
+    """A running dashboard on a free port; yields its base URL."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium not installed (apt-get install chromium chromium-driver)")
+    pytest.importorskip("playwright.sync_api", reason="python package playwright not installed")
+    port = _free_port()
+    env = {**os.environ, "KNNLM_RUNS_DIR": str(runs_root)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(REPO / "app.py"),
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--server.address",
+        "localhost",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://localhost:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"streamlit did not start: {proc.stdout.read().decode()[-2000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+        yield context.new_page()
+        browser.close()
+
+
+def _open(page, url: str, heading: str) -> None:
+    page.goto(url)
+    page.get_by_role("heading", name=heading).first.wait_for(timeout=UI_TIMEOUT_MS)
+    page.wait_for_timeout(500)
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def test_every_page_renders(page, server):
+    for path, heading in PAGES.items():
+        _open(page, f"{server}/{path}?run=tiny", heading)
+        assert page.locator('[data-testid="stAlertContentError"]').count() == 0, path
+
+
+def test_token_to_neighbours_and_csv(page, server, tmp_path):
+    _open(page, f"{server}/tokens?run=tiny&token=the", "Token explorer")
+    page.get_by_text("Inspect position").first.click()
+    page.get_by_role("heading", name="Neighbour inspector").wait_for(timeout=UI_TIMEOUT_MS)
+    page.get_by_text("Stored neighbours").first.wait_for(timeout=UI_TIMEOUT_MS)
+    assert "pos=" in page.url
+    with page.expect_download(timeout=UI_TIMEOUT_MS) as info:
+        page.get_by_role("button", name="Download CSV").first.click()
+    target = tmp_path / "neighbours.csv"
+    info.value.save_as(target)
+    header = target.read_text().splitlines()[0].split(",")
+    assert header[:4] == ["rank", "entry", "token_id", "token"] and "weight_in_p_knn" in header
+
+
+def test_bad_position_shows_error(page, server):
+    page.goto(f"{server}/neighbors?run=tiny&pos=99999999")
+    page.get_by_text("out of range").first.wait_for(timeout=UI_TIMEOUT_MS)
+    assert page.locator('[data-testid="stException"]').count() == 0

@@ -1,0 +1,118 @@
+"""ui.figures / ui.findings / ui.render: pure builders (no streamlit), checked on small frames,
+plus the import-isolation rule (STYLE §1) in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from knnlm_core.bins import bin_labels
+from ui import figures, findings, render
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bins_frame(gain_sign: float = 1.0) -> pd.DataFrame:
+    b = np.array([-1, 0, 1, 2, 3, 4])
+    ppl_lm = np.array([900.0, 400, 200, 100, 50, 20])
+    ratio = np.exp(-gain_sign * np.array([-0.3, -0.2, -0.1, 0.05, 0.1, 0.2]))
+    return pd.DataFrame(
+        {
+            "freq_bin": b,
+            "bin": bin_labels(b),
+            "n_tokens": [5, 10, 20, 40, 80, 160],
+            "ppl_lm": ppl_lm,
+            "ppl_knnlm": ppl_lm * ratio,
+            "mean_p_lm": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3],
+            "mean_p_knn": [0.0, 0.005, 0.02, 0.08, 0.25, 0.4],
+            "mean_gain": np.log(1 / ratio),
+            "share_harmed": [1, 0.8, 0.6, 0.4, 0.3, 0.2],
+            "hit_1": [0, 0.05, 0.1, 0.2, 0.3, 0.5],
+            "hit_16": [0, 0.1, 0.2, 0.3, 0.45, 0.7],
+            "hit_64": [0, 0.2, 0.3, 0.5, 0.7, 0.9],
+            "nontarget_share": [1, 0.99, 0.95, 0.9, 0.8, 0.6],
+            "mean_cv": [np.nan, 0.3, 0.4, 0.4, 0.5, 0.5],
+            "mean_contamination": [np.nan, 0.9, 0.8, 0.6, 0.5, 0.3],
+            "mean_pq_error": [np.nan, 9, 8, 6, 5, 4],
+            "mean_query_pq_error": [5, 5, 5, 5, 5, 5],
+        }
+    )
+
+
+def test_bin_axes_are_ordered_categories():
+    df = _bins_frame()
+    for fig in (
+        figures.ppl_by_bin(df),
+        figures.hits_by_bin(df, (1, 16, 64)),
+        figures.bin_bars(df, {"share_harmed": "harmed"}, "t", "y", percent=True),
+        figures.lines_by_bin(df, {"mean_pq_error": "pq"}, "t", "y"),
+        figures.compare_bins(df, df.iloc[1:], "ppl_knnlm", ("a", "b"), "t", log_y=True),
+    ):
+        assert isinstance(fig, go.Figure)
+        assert fig.layout.xaxis.type == "category"
+        assert list(fig.layout.xaxis.categoryarray) == list(df["bin"])
+    assert figures.ppl_by_bin(df).layout.yaxis.type == "log"
+    assert [t.name for t in figures.hits_by_bin(df, (1, 16)).data] == ["hit@1", "hit@16"]
+
+
+def test_scatter_and_top_predictions():
+    types = pd.DataFrame(
+        {
+            "token": ["a", "b", "c"],
+            "freq": [1, 10, 100],
+            "pq_error_mean": [3.0, 2.0, np.nan],
+            "mean_gain": [-0.5, 0.1, 0.3],
+        }
+    )
+    fig = figures.pq_gain_scatter(types, {"r": -0.2, "n": 2, "p": 0.5})
+    assert len(fig.data[0].x) == 2 and "r = -0.200" in fig.layout.title.text
+    lm = pd.DataFrame({"token": [" the", " a"], "p": [0.5, 0.2]})
+    knn = pd.DataFrame({"token": [" a"], "p": [0.9]})
+    fig = figures.top_predictions(lm, knn, " a")
+    assert list(fig.data[0].marker.color)[1] == figures.COLORS["knn"]  # target highlighted
+    box = figures.type_vs_bin(
+        pd.DataFrame({"cv": [0.1, 0.2], "contamination": [0.5, 0.6]}),
+        {"cv": 0.15, "contamination": None},
+        ("cv", "contamination"),
+    )
+    assert len(box.data) == 3
+
+
+def test_findings_agree_with_paper_shaped_run():
+    corr = {"r": -0.2, "n": 100, "p": 0.01}
+    out = findings.evaluate(_bins_frame(), 64, corr, {"r": -0.05, "n": 100, "p": 0.3}, corr)
+    verdicts = [f.ok for f in out]
+    assert verdicts[0] is True and verdicts[1] is True
+    assert verdicts[2] is True and "hit@64 used" in out[2].numbers  # k < 1024: falls back to hit@64
+    assert all(v is True for v in verdicts)
+    table = findings.to_frame(out)
+    assert set(table["verdict"]) == {"✓"}
+
+
+def test_findings_explain_disagreement():
+    corr = {"r": 0.3, "n": 100, "p": 0.01}
+    out = findings.evaluate(_bins_frame(gain_sign=-1.0), 64, corr, {"r": 0.1, "n": 100, "p": 0.3}, corr)
+    assert out[0].ok is False and "lowers perplexity" in out[0].note
+    assert out[6].ok is False and out[6].note
+    nan = {"r": float("nan"), "n": 0, "p": float("nan")}
+    assert findings.pq_error_gain(nan).ok is None
+
+
+def test_render_escapes_html():
+    html = render.context_html(["<b>", " x"], "&y")
+    assert "&lt;b&gt;" in html and "&amp;y" in html and "<b>" not in html
+    assert render.show_token(" a\n") == "'␣a⏎'"
+    assert render.fmt_p(1e-6) == "1.00e-06" and render.fmt_p(None) == "n/a"
+
+
+def test_pure_modules_import_neither_streamlit_nor_torch():
+    code = (
+        "import sys; import knnlm_core.queries, knnlm_core.whatif, ui.figures, ui.findings, ui.render, ui.params; "
+        "bad = [m for m in ('streamlit', 'torch') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -1,0 +1,89 @@
+"""All dashboard caching (STYLE §5): one read-only DuckDB connection per run file
+(st.cache_resource; each script run takes `.cursor()`), query results via st.cache_data
+keyed by plain values (db path, file mtime, function name, arguments).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import streamlit as st
+
+from knnlm_core import queries, store, whatif
+from ui.params import runs_root
+
+
+def db_path(run: str) -> Path:
+    """metrics.duckdb of a run name under the runs root."""
+    return runs_root() / run / store.DB_NAME
+
+
+def run_key(run: str) -> tuple[str, int]:
+    """(db path, mtime_ns): the cache key of a run file (a rebuilt run gets a new key)."""
+    path = db_path(run)
+    if not path.is_file():
+        raise store.RunSchemaError(f"run '{run}' has no {store.DB_NAME} under {runs_root()}")
+    return str(path), path.stat().st_mtime_ns
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _connection(path: str, mtime_ns: int) -> duckdb.DuckDBPyConnection:
+    """Shared read-only root connection of one run file (raises RunSchemaError)."""
+    return store.open_readonly(Path(path))
+
+
+def cursor(run: str) -> duckdb.DuckDBPyConnection:
+    """A fresh cursor on the run's shared read-only connection."""
+    return _connection(*run_key(run)).cursor()
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _query(path: str, mtime_ns: int, name: str, args: tuple, kwargs: tuple):
+    """Cached result of knnlm_core.queries.<name>(cursor, *args, **kwargs)."""
+    fn = getattr(queries, name)
+    return fn(_connection(path, mtime_ns).cursor(), *args, **dict(kwargs))
+
+
+def q(run: str, name: str, *args, **kwargs):
+    """Run a queries.* function on a run, cached by plain values."""
+    norm = tuple(tuple(a) if isinstance(a, list) else a for a in args)
+    kw = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+    return _query(*run_key(run), name, norm, kw)
+
+
+def run_info(run: str) -> dict:
+    """The run row (cached)."""
+    return q(run, "run_info")
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading stored neighbours…")
+def _neighbours(path: str, mtime_ns: int) -> whatif.StoredNeighbours:
+    """Per-position neighbour arrays of a run (shared, read-only: never mutate)."""
+    return whatif.load_neighbours(_connection(path, mtime_ns).cursor())
+
+
+def neighbours(run: str) -> whatif.StoredNeighbours:
+    """Stored neighbour arrays of a run (cached as a resource: no copy per rerun)."""
+    return _neighbours(*run_key(run))
+
+
+@st.cache_data(max_entries=32, show_spinner="Re-scoring…")
+def _rescored(path: str, mtime_ns: int, k: int, tau: float, source: str, use_idf: bool) -> np.ndarray:
+    """p_kNN(target) (T,) recomputed from the stored neighbours."""
+    data = _neighbours(path, mtime_ns)
+    n_entries = int(_connection(path, mtime_ns).cursor().execute("SELECT n_entries FROM run").fetchone()[0])
+    weights = whatif.idf(data.type_freq, n_entries) if use_idf else None
+    return whatif.rescore(data, k, tau, source, weights)
+
+
+def rescored(run: str, k: int, tau: float, source: str, use_idf: bool = False) -> np.ndarray:
+    """Cached what-if p_kNN of a run for (k, tau, source, idf)."""
+    return _rescored(*run_key(run), int(k), float(tau), str(source), bool(use_idf))
+
+
+def clear() -> None:
+    """Drop every cached value and connection (tests, or after rebuilding runs)."""
+    st.cache_data.clear()
+    st.cache_resource.clear()

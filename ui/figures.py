@@ -1,0 +1,160 @@
+"""Plotly figure builders of the dashboard (pure: return go.Figure, no streamlit import).
+
+Frequency bins are drawn as ordered categorical labels from knnlm_core.bins (SPEC §3),
+never re-binned by plotly; frequencies on continuous axes use log scales.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+BIN_AXIS = "target frequency in datastore (bin)"
+COLORS = {"lm": "#1f77b4", "knn": "#d62728", "knnlm": "#2ca02c", "b": "#9467bd"}
+
+
+def _bin_layout(fig: go.Figure, df: pd.DataFrame, title: str, ytitle: str, log_y: bool = False) -> go.Figure:
+    """Ordered categorical bin x-axis, titles, compact margins."""
+    fig.update_layout(
+        title=title,
+        xaxis_title=BIN_AXIS,
+        yaxis_title=ytitle,
+        barmode="group",
+        margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="h", y=-0.25),
+        height=380,
+    )
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=list(df["bin"]))
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def bin_bars(
+    df: pd.DataFrame, cols: dict[str, str], title: str, ytitle: str, log_y: bool = False, percent: bool = False
+) -> go.Figure:
+    """Grouped bars per bin: one trace per column of `cols` ({column: legend name})."""
+    fig = go.Figure()
+    for col, name in cols.items():
+        if col in df:
+            fig.add_bar(x=df["bin"], y=df[col], name=name, hovertemplate="%{x}: %{y:.4g}<extra>" + name + "</extra>")
+    if percent:
+        fig.update_yaxes(tickformat=".0%")
+    return _bin_layout(fig, df, title, ytitle, log_y)
+
+
+def ppl_by_bin(df: pd.DataFrame, title: str = "Perplexity per frequency bin") -> go.Figure:
+    """PPL under the LM and under kNN-LM per bin (log y)."""
+    return bin_bars(df, {"ppl_lm": "LM", "ppl_knnlm": "kNN-LM"}, title, "perplexity", log_y=True)
+
+
+def hits_by_bin(df: pd.DataFrame, ks: tuple[int, ...]) -> go.Figure:
+    """hit@k per bin, one line per k."""
+    fig = go.Figure()
+    for k in ks:
+        fig.add_scatter(x=df["bin"], y=df[f"hit_{k}"], mode="lines+markers", name=f"hit@{k}")
+    fig.add_hline(y=0.5, line_dash="dot", line_color="grey")
+    fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    return _bin_layout(fig, df, "Target among the first k neighbours (hit@k)", "share of tokens")
+
+
+def lines_by_bin(df: pd.DataFrame, cols: dict[str, str], title: str, ytitle: str, log_y: bool = False) -> go.Figure:
+    """One line per column over the ordered bins."""
+    fig = go.Figure()
+    for col, name in cols.items():
+        if col in df:
+            fig.add_scatter(x=df["bin"], y=df[col], mode="lines+markers", name=name)
+    return _bin_layout(fig, df, title, ytitle, log_y)
+
+
+def pq_gain_scatter(types: pd.DataFrame, corr: dict) -> go.Figure:
+    """Per type: pq_error_mean (x) vs mean gain (y), colour = log10 freq; r, n, p in the title."""
+    t = types.dropna(subset=["pq_error_mean", "mean_gain"])
+    fig = go.Figure(
+        go.Scattergl(
+            x=t["pq_error_mean"],
+            y=t["mean_gain"],
+            mode="markers",
+            text=t["token"],
+            marker=dict(
+                size=5,
+                opacity=0.6,
+                color=np.log10(t["freq"].clip(lower=1)),
+                colorscale="Viridis",
+                colorbar=dict(title="log10 freq"),
+            ),
+            hovertemplate="%{text}<br>PQ error %{x:.3g}<br>mean gain %{y:.3f}<extra></extra>",
+        )
+    )
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    fig.update_layout(
+        title=f"PQ error vs mean gain per type: r = {corr['r']:.3f}, n = {corr['n']:,}, p = {corr['p']:.2g}",
+        xaxis_title="type's mean PQ error ||k − k̂||²",
+        yaxis_title="mean gain (nats)",
+        height=420,
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
+    return fig
+
+
+def type_vs_bin(bin_types: pd.DataFrame, row: dict, metrics: tuple[str, ...]) -> go.Figure:
+    """Box of each metric over the bin's types, with this type marked as a red diamond."""
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
+    for i, m in enumerate(metrics, start=1):
+        fig.add_box(
+            y=bin_types[m].dropna(),
+            name="bin",
+            boxpoints=False,
+            showlegend=False,
+            marker_color=COLORS["lm"],
+            row=1,
+            col=i,
+        )
+        if row.get(m) is not None and not pd.isna(row.get(m)):
+            fig.add_scatter(
+                x=["bin"],
+                y=[row[m]],
+                mode="markers",
+                name="this type",
+                showlegend=(i == 1),
+                marker=dict(symbol="diamond", size=14, color=COLORS["knn"]),
+                row=1,
+                col=i,
+            )
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), title=None)
+    return fig
+
+
+def top_predictions(lm: pd.DataFrame, knn: pd.DataFrame, target: str) -> go.Figure:
+    """LM top predictions beside the kNN top distribution (horizontal bars, target in red)."""
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("LM top predictions", "kNN top distribution"), horizontal_spacing=0.18
+    )
+    for col, (df, color) in enumerate(((lm, COLORS["lm"]), (knn, COLORS["b"])), start=1):
+        labels = [repr(t) for t in df["token"]]
+        colors = [COLORS["knn"] if t == target else color for t in df["token"]]
+        fig.add_bar(x=df["p"], y=labels, orientation="h", marker_color=colors, showlegend=False, row=1, col=col)
+        fig.update_yaxes(autorange="reversed", row=1, col=col)
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def compare_bins(
+    a: pd.DataFrame,
+    b: pd.DataFrame,
+    col: str,
+    names: tuple[str, str],
+    title: str,
+    log_y: bool = False,
+    percent: bool = False,
+) -> go.Figure:
+    """One metric per bin for two runs (grouped bars, union of bins in order)."""
+    bins = pd.concat([a[["freq_bin", "bin"]], b[["freq_bin", "bin"]]]).drop_duplicates().sort_values("freq_bin")
+    fig = go.Figure()
+    for df, name, color in ((a, names[0], COLORS["lm"]), (b, names[1], COLORS["b"])):
+        fig.add_bar(x=df["bin"], y=df[col], name=name, marker_color=color)
+    if percent:
+        fig.update_yaxes(tickformat=".0%")
+    return _bin_layout(fig, bins, title, col, log_y)
