@@ -39,6 +39,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the pipeline's progress bar would 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import DefaultsHelp  # noqa: E402
 from knnlm_core.config import RunConfig, resolve_path  # noqa: E402
 from knnlm_core.corpus import load_tokenizer, tokenize_file  # noqa: E402
 from knnlm_core.model import load_model, wrap_model  # noqa: E402
@@ -49,18 +50,9 @@ DEFAULT_MODEL = "data/models/demo-gpt2"
 FALLBACK_TOKENIZER = "data/tokenizers/gpt2"
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except empty / None ones (their help text explains them)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, "", False):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=_Help
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp
     )
     p.add_argument(
         "--model",

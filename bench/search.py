@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import DefaultsHelp  # noqa: E402
 from knnlm_core.config import RunConfig, resolve_path  # noqa: E402
 from knnlm_core.index import add_keys, check_factory, exact_sq_dists, sample_rows, search, set_nprobe  # noqa: E402
 from knnlm_core.knn import p_knn_of, target_stats, top_tokens  # noqa: E402
@@ -47,18 +48,9 @@ from precompute.pipeline import KNN_TOP, search_batch  # noqa: E402
 DEFAULTS = RunConfig()
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except empty / None ones (their help text explains them)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, "", False):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=_Help
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp
     )
     p.add_argument(
         "--run-dir", default="", help="use a built run's keys/values/queries/index instead of synthetic data"

@@ -104,7 +104,8 @@ def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: 
         ntar_ref.append(len(hits))
     sub = ev.iloc[pos]
     checks.append(_close("p_knn (re-searched)", sub["p_knn"], p_ref, 1e-6, 1e-4))
-    checks.append(_close("knn_log_z (re-searched)", sub["knn_log_z"], logz_ref, 1e-6, 1e-6))
+    # float32 PQ distances differ in their last bits between faiss batch sizes: ~1e-4 in log Z.
+    checks.append(_close("knn_log_z (re-searched)", sub["knn_log_z"], logz_ref, 1e-4, 1e-5))
     rank_got = sub["target_rank"].fillna(0).to_numpy(dtype=np.int64)
     checks.append(_equal("target_rank (re-searched)", rank_got, rank_ref))
     checks.append(_equal("n_target (re-searched)", sub["n_target"].to_numpy(), ntar_ref))
@@ -122,7 +123,17 @@ def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: 
     s = int(run["store_neighbors"])
     nb = con.execute("SELECT * FROM neighbors WHERE pos = ANY(?) ORDER BY pos, rank", [pos.tolist()]).fetchdf()
     want_entries = np.concatenate([row[:s][row[:s] >= 0] for row in ids])
-    checks.append(_equal("neighbors.entry (re-searched)", nb["entry"].to_numpy(), want_entries))
+    want_dist = np.concatenate([drow[:s][row[:s] >= 0] for drow, row in zip(dist, ids)])
+    got_entries = nb["entry"].to_numpy()
+    if len(got_entries) == len(want_entries):
+        # Equal (tied) distances may come back in another order: a swap is fine when the
+        # stored distance at that rank equals the re-searched one.
+        swapped = got_entries != want_entries
+        tie = np.isclose(nb["distance_pq"].to_numpy()[swapped], want_dist[swapped], rtol=1e-5, atol=1e-4)
+        checks.append(("neighbors.entry (re-searched)", bool(tie.all()),
+                       f"{int(swapped.sum())} tie swaps, {int((~tie).sum())} mismatches over {len(want_entries)}"))
+    else:
+        checks.append(_equal("neighbors.entry (re-searched)", got_entries, want_entries))
     checks.append(_equal("neighbors.token_id = values[entry]", nb["token_id"].to_numpy(), values[nb["entry"].to_numpy()]))
     want_pq = np.concatenate([drow[:s][row[:s] >= 0] for drow, row in zip(dist, ids)])
     checks.append(_close("neighbors.distance_pq", nb["distance_pq"], want_pq, 1e-3, 1e-4))

@@ -69,7 +69,7 @@ def server(runs_root):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://localhost:{port}"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while True:
             try:
                 if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read() == b"ok":
