@@ -43,14 +43,35 @@ class LoadedModel:
     model_type: str
 
 
-def hook_module(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """The last block's MLP of `model` and a readable name of it; ModelError if unsupported."""
-    model_type = getattr(model.config, "model_type", "?")
+def check_family(model_type: str) -> None:
+    """ModelError naming the supported families when `model_type` has no known hook point."""
     if model_type not in HOOK_POINTS:
         raise ModelError(
             f"unsupported model family '{model_type}': supported are {', '.join(sorted(HOOK_POINTS))} "
             "(add its hook point to knnlm_core.model.HOOK_POINTS)"
         )
+
+
+def load_model_config(name_or_path: str):
+    """The model's HF config (local directory: offline), with its family checked; no weights loaded."""
+    from transformers import AutoConfig
+
+    local = Path(name_or_path).is_dir()
+    try:
+        config = AutoConfig.from_pretrained(str(name_or_path), local_files_only=local)
+    except (OSError, ValueError) as err:
+        where = "local directory" if local else "hub name (no network? use a local directory)"
+        raise ModelError(
+            f"cannot load model config from {name_or_path} as a {where}: {str(err).splitlines()[0]}"
+        ) from err
+    check_family(config.model_type)
+    return config
+
+
+def hook_module(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The last block's MLP of `model` and a readable name of it; ModelError if unsupported."""
+    model_type = getattr(model.config, "model_type", "?")
+    check_family(model_type)
     layers_path, mlp_name = HOOK_POINTS[model_type]
     layers = model.get_submodule(layers_path)
     return getattr(layers[-1], mlp_name), f"{layers_path}[-1].{mlp_name} (input)"
@@ -58,21 +79,10 @@ def hook_module(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
 
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load a causal LM from a hub name or local directory (local: offline) and find its hook."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    load_model_config(name_or_path)  # a clear error before any weights are read
     local = Path(name_or_path).is_dir()
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, local_files_only=local)
-    except (OSError, ValueError) as err:
-        where = "local directory" if local else "hub name (no network? use a local directory)"
-        raise ModelError(
-            f"cannot load model config from {name_or_path} as a {where}: {str(err).splitlines()[0]}"
-        ) from err
-    if config.model_type not in HOOK_POINTS:
-        raise ModelError(
-            f"unsupported model family '{config.model_type}': supported are {', '.join(sorted(HOOK_POINTS))} "
-            "(add its hook point to knnlm_core.model.HOOK_POINTS)"
-        )
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], local_files_only=local)
     return wrap_model(model.to(device).eval())
 

@@ -42,26 +42,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {
-        "model": args.model, "k": args.k, "nprobe": args.nprobe, "temperature": args.temperature, "lam": args.lam,
-        "distance_source": args.distance_source, "index_factory": args.index_factory,
-        "eval_corpus": args.eval_corpus, "eval_limit_tokens": args.eval_limit_tokens,
-        "store_neighbors": args.store_neighbors, "device": args.device, "threads": args.threads,
-    }
+    # Every other flag is a RunConfig field (dest names match; None = not given).
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "run_dir", "overwrite", "run_name")}
+    # Imported here so that --help stays fast (the pipeline imports torch and faiss).
     from knnlm_core.corpus import CorpusError
     from knnlm_core.index import IndexConfigError
-    from precompute.pipeline import RunError
+    from knnlm_core.model import ModelError
+    from precompute.pipeline import RunError, build_run
 
-    known = (ConfigError, CorpusError, IndexConfigError, RunError)
     try:
-        from knnlm_core.model import ModelError
-
-        known = (*known, ModelError)
         cfg = load_config(args.config, overrides)
-        from precompute.pipeline import build_run
-
         build_run(cfg, args.run_dir, overwrite=args.overwrite, run_name=args.run_name)
-    except known as err:
+    except (ConfigError, CorpusError, IndexConfigError, ModelError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -29,9 +29,10 @@ from tqdm import tqdm
 from knnlm_core import store
 from knnlm_core.bins import freq_bin
 from knnlm_core.config import RunConfig, resolve_path
-from knnlm_core.corpus import file_sha256, load_tokenizer, tokenize_file
+from knnlm_core.corpus import file_sha256, load_tokenizer, read_text, tokenize_file
 from knnlm_core.index import (
     add_keys,
+    blocks,
     check_factory,
     exact_sq_dists,
     reconstruction_error,
@@ -201,20 +202,9 @@ def resolve_windows(cfg: RunConfig, n_positions: int) -> tuple[int, int]:
 
 def model_facts(cfg: RunConfig) -> dict[str, Any]:
     """Family, hidden size and positions from the model's config alone (no weights loaded)."""
-    from transformers import AutoConfig
+    from knnlm_core.model import load_model_config
 
-    from knnlm_core.model import HOOK_POINTS, ModelError
-
-    source = model_source(cfg.model)
-    local = isinstance(source, Path)
-    try:
-        mc = AutoConfig.from_pretrained(str(source), local_files_only=local)
-    except (OSError, ValueError) as err:
-        hint = "check the directory" if local else "no such local directory, and the hub is unreachable or has no such model"
-        raise ModelError(f"cannot load model '{cfg.model}' ({hint}): {str(err).splitlines()[0]}") from err
-    if mc.model_type not in HOOK_POINTS:
-        raise ModelError(f"unsupported model family '{mc.model_type}' for '{cfg.model}': supported are "
-                         f"{', '.join(sorted(HOOK_POINTS))} (add its hook point to knnlm_core.model.HOOK_POINTS)")
+    mc = load_model_config(str(model_source(cfg.model)))
     n_positions = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", 1024)
     return {"model_type": mc.model_type, "dim": int(mc.hidden_size), "n_positions": int(n_positions),
             "model_vocab_size": int(mc.vocab_size)}
@@ -375,9 +365,9 @@ def stage_pq(run: Run) -> dict:
     index = open_index(run)
     entry_err = np.empty(len(keys))
     with tqdm(total=len(keys), desc="PQ error", unit="key", dynamic_ncols=True) as bar:
-        for lo in range(0, len(keys), 65536):
-            entry_err[lo : lo + 65536] = reconstruction_error(index, keys[lo : lo + 65536])
-            bar.update(min(65536, len(keys) - lo))
+        for start, block in blocks(keys):
+            entry_err[start : start + len(block)] = reconstruction_error(index, block)
+            bar.update(len(block))
     save_npz(run.path("pq.npz"), entry_pq_error=entry_err)
     return {}
 
@@ -416,6 +406,15 @@ def stage_types(run: Run) -> dict:
 def decode_tokens(tokenizer, ids: np.ndarray) -> dict[int, str]:
     """Readable text of each token id (byte-level pieces decoded; spaces kept)."""
     return {int(i): tokenizer.decode([int(i)]) for i in np.unique(ids) if i >= 0}
+
+
+def per_rank(keep: np.ndarray, **columns: np.ndarray) -> pd.DataFrame:
+    """Long table (pos, rank 1..w, columns...) from (T, w) arrays, keeping the cells where `keep`."""
+    t, w = keep.shape
+    frame = pd.DataFrame({"pos": np.repeat(np.arange(t, dtype=np.int32), w),
+                          "rank": np.tile(np.arange(1, w + 1, dtype=np.int16), t),
+                          **{name: col.ravel() for name, col in columns.items()}})
+    return frame[keep.ravel()].reset_index(drop=True)
 
 
 def build_tables(run: Run) -> dict[str, pd.DataFrame]:
@@ -461,24 +460,15 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
         "pq_error_max": ty["pq_max"][type_ids], "eval_count": eval_count[type_ids],
     })
     s = se["nbr_ids"].shape[1]
-    nbr_ids = se["nbr_ids"].ravel()
     values = np.asarray(load_npy(run.path("values.npy")))
-    neighbors = pd.DataFrame({
-        "pos": np.repeat(np.arange(t, dtype=np.int32), s), "rank": np.tile(np.arange(1, s + 1, dtype=np.int16), t),
-        "entry": nbr_ids, "token_id": np.where(nbr_ids >= 0, values[np.maximum(nbr_ids, 0)], -1).astype(np.int32),
-        "distance_pq": se["dist_pq"].ravel(), "distance_exact": se["dist_exact"].ravel(),
-    })
-    neighbors = neighbors[neighbors["entry"] >= 0]
-    tops = {}
-    for name, ids_key, p_key, col in (("lm_top", "lm_top_ids", "lm_top_p", "p_lm"),
-                                      ("knn_top", "knn_top_ids", "knn_top_p", "p_knn")):
-        width = lm[ids_key].shape[1] if name == "lm_top" else se[ids_key].shape[1]
-        src = lm if name == "lm_top" else se
-        frame = pd.DataFrame({"pos": np.repeat(np.arange(t, dtype=np.int32), width),
-                              "rank": np.tile(np.arange(1, width + 1, dtype=np.int16), t),
-                              "token_id": src[ids_key].ravel().astype(np.int32),
-                              col: src[p_key].ravel().astype(np.float32)})
-        tops[name] = frame[frame["token_id"] >= 0]
+    nbr_ids = se["nbr_ids"]
+    neighbors = per_rank(nbr_ids >= 0, entry=nbr_ids,
+                         token_id=np.where(nbr_ids >= 0, values[np.maximum(nbr_ids, 0)], -1).astype(np.int32),
+                         distance_pq=se["dist_pq"], distance_exact=se["dist_exact"])
+    lm_top = per_rank(lm["lm_top_ids"] >= 0, token_id=lm["lm_top_ids"].astype(np.int32),
+                      p_lm=lm["lm_top_p"].astype(np.float32))
+    knn_top = per_rank(se["knn_top_ids"] >= 0, token_id=se["knn_top_ids"].astype(np.int32),
+                       p_knn=se["knn_top_p"].astype(np.float32))
     ppl_lm, ppl_knnlm = float(np.exp(nll_lm.mean())), float(np.exp(nll_knnlm.mean()))
     run.info.update(ppl_lm=ppl_lm, ppl_knnlm=ppl_knnlm)
     run_row = pd.DataFrame([{
@@ -495,7 +485,7 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
         "run": run_row, "eval_tokens": eval_tokens, "token_types": token_types, "neighbors": neighbors,
         "datastore_tokens": pd.DataFrame({"pos": np.arange(len(ds_ids), dtype=np.int64),
                                           "token_id": ds_ids.astype(np.int32)}),
-        "lm_top": tops["lm_top"], "knn_top": tops["knn_top"],
+        "lm_top": lm_top, "knn_top": knn_top,
         "vocab": pd.DataFrame({"token_id": np.array(list(text), dtype=np.int32), "token": list(text.values())}),
     }
 
@@ -550,8 +540,6 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     for role, rel, limit in (("datastore", cfg.datastore_corpus, cfg.datastore_limit_tokens),
                              ("eval", cfg.eval_corpus, cfg.eval_limit_tokens)):
         path = resolve_path(rel)
-        from knnlm_core.corpus import read_text
-
         read_text(path)  # raises CorpusError if missing or empty
         corpora[role] = {"path": rel, "sha256": file_sha256(path), "limit_tokens": limit}
     run = Run(cfg=cfg, run_dir=run_dir, run_name=run_name or run_dir.name)
