@@ -12,24 +12,40 @@ import numpy as np
 PAD = -1  # value of a missing neighbour
 
 
-def log_normaliser(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> np.ndarray:
-    """log Σ_j exp(-d_j / tau) over the present neighbours (Q,); 0 for a row with none."""
+def _masked_logits(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> np.ndarray:
+    """-dists / tau (Q, k) in float64, -inf on missing neighbours."""
     assert dists.shape == nbr_values.shape and dists.ndim == 2
-    logits = -dists.astype(np.float64) / tau  # (Q, k)
+    logits = -dists.astype(np.float64) / tau
     logits[nbr_values == PAD] = -np.inf
+    return logits
+
+
+def _logsumexp_rows(logits: np.ndarray) -> np.ndarray:
+    """Stable log Σ exp per row (Q,); 0 for a row that is all -inf (no neighbour)."""
     top = np.max(logits, axis=1)  # (Q,)
-    top[~np.isfinite(top)] = 0.0  # a row with no neighbour at all
+    top[~np.isfinite(top)] = 0.0
     with np.errstate(divide="ignore"):
         lse = top + np.log(np.sum(np.exp(logits - top[:, None]), axis=1))
     lse[~np.isfinite(lse)] = 0.0  # no neighbour: keep every weight at -inf rather than NaN
     return lse
 
 
+def log_normaliser(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> np.ndarray:
+    """log Σ_j exp(-d_j / tau) over the present neighbours (Q,); 0 for a row with none."""
+    return _logsumexp_rows(_masked_logits(dists, tau, nbr_values))
+
+
+def softmax_weights(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised weights (Q, k), log normaliser (Q,)) of -dists / tau; weight 0 on missing neighbours."""
+    logits = _masked_logits(dists, tau, nbr_values)
+    log_z = _logsumexp_rows(logits)
+    return np.exp(logits - log_z[:, None]), log_z
+
+
 def log_weights(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> np.ndarray:
     """Normalised log softmax weights (Q, k) of -dists / tau; -inf on missing neighbours."""
-    logits = -dists.astype(np.float64) / tau  # (Q, k)
-    logits[nbr_values == PAD] = -np.inf
-    return logits - log_normaliser(dists, tau, nbr_values)[:, None]
+    logits = _masked_logits(dists, tau, nbr_values)
+    return logits - _logsumexp_rows(logits)[:, None]
 
 
 def p_knn_of(dists: np.ndarray, nbr_values: np.ndarray, targets: np.ndarray, tau: float) -> np.ndarray:

@@ -41,10 +41,9 @@ from knnlm_core.index import (
     train_index,
 )
 from knnlm_core.knn import (
-    PAD,
     interpolate,
-    log_normaliser,
     p_knn_from_weights,
+    softmax_weights,
     target_stats,
     top_tokens_from_weights,
 )
@@ -329,9 +328,7 @@ def search_batch(index, keys: np.ndarray, values: np.ndarray, q: np.ndarray, tar
     exact = exact_sq_dists(q, keys, ids if cfg.distance_source == "exact" else ids[:, :s])
     used = exact if cfg.distance_source == "exact" else dists
     target_rank, n_target = target_stats(nbr_values, targets)
-    log_z = log_normaliser(used, cfg.temperature, nbr_values)  # (B,)
-    logits = np.where(nbr_values == PAD, -np.inf, -used.astype(np.float64) / cfg.temperature)
-    weights = np.exp(logits - log_z[:, None])  # (B, k) softmax weights, computed once
+    weights, log_z = softmax_weights(used, cfg.temperature, nbr_values)  # (B, k), (B,): computed once
     knn_top_ids, knn_top_p = top_tokens_from_weights(weights, nbr_values, KNN_TOP)
     return {
         "p_knn": p_knn_from_weights(weights, nbr_values, targets), "target_rank": target_rank,
