@@ -1,6 +1,6 @@
 """Benchmark: query rate of the precompute pipeline's search stage vs one raw faiss search.
 
-* pipeline -- the search stage itself: `precompute.pipeline.search_batch` on every batch of
+* pipeline -- the search stage itself: `precompute.stages.search.search_range` on every batch of
   `search_batch` queries (fp16 -> fp32 queries, faiss search + padding mask, values gather,
   exact distances of the stored neighbours (all k with distance_source "exact"), p_kNN,
   target rank / count, stored-neighbour slices, kNN top-10 and query PQ error), exactly the
@@ -41,9 +41,10 @@ import numpy as np  # noqa: E402
 
 from bench.common import DefaultsHelp  # noqa: E402
 from knnlm_core.config import RunConfig, resolve_path  # noqa: E402
-from knnlm_core.index import add_keys, check_factory, exact_sq_dists, sample_rows, search, set_nprobe  # noqa: E402
-from knnlm_core.knn import p_knn_of, target_stats, top_tokens  # noqa: E402
-from precompute.pipeline import KNN_TOP, search_batch  # noqa: E402
+from knnlm_core.index import add_keys, check_factory, reconstruction_error, sample_rows, search, set_nprobe  # noqa: E402
+from knnlm_core.keystore import open_keys  # noqa: E402
+from knnlm_core.knn import p_knn_from_weights, softmax_weights, target_stats  # noqa: E402
+from precompute.stages.search import KNN_TOP, neighbour_sq_dists, search_range, top_tokens  # noqa: E402
 
 DEFAULTS = RunConfig()
 
@@ -138,9 +139,9 @@ def synthetic(args: argparse.Namespace, n_queries: int):
 
 def from_run(run_dir: Path, n_queries: int):
     """The same arrays from a built run (npy memmapped as the stage opens them)."""
-    from precompute.pipeline import load_npy, read_index
+    from precompute.runner import load_npy, read_index
 
-    keys = load_npy(run_dir / "keys.npy", dtype=np.float16)
+    keys = open_keys(run_dir)
     values = np.asarray(load_npy(run_dir / "values.npy", dtype=np.int32))
     queries = load_npy(run_dir / "queries.npy", dtype=np.float16)[:n_queries]
     eval_ids = run_dir / "eval_ids.npy"
@@ -153,17 +154,13 @@ def from_run(run_dir: Path, n_queries: int):
 
 
 def pipeline_search(index, keys, values, queries, targets, k, s, tau, batch, source) -> dict[str, np.ndarray]:
-    """precompute.pipeline.stage_search without loading inputs and saving: search_batch per batch."""
+    """The search stage's own per-shard work (precompute.stages.search.search_range) over all queries."""
     cfg = RunConfig(k=k, store_neighbors=s, temperature=tau, search_batch=batch, distance_source=source)
-    parts = []
-    for lo in range(0, len(targets), batch):
-        q = np.asarray(queries[lo : lo + batch], dtype=np.float32)  # (B, d)
-        parts.append(search_batch(index, keys, values, q, targets[lo : lo + batch], cfg))
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return search_range(index, keys, values, queries, targets, cfg, 0, len(targets))
 
 
 def breakdown(index, keys, values, queries, targets, k, s, tau, batch, source) -> dict[str, float]:
-    """Diagnostic: seconds spent in each step of pipeline_search (same steps, timed one by one)."""
+    """Diagnostic: seconds spent in each step of search_batch (same functions, timed one by one, no overlap)."""
     t = len(targets)
     secs: dict[str, float] = {}
 
@@ -184,12 +181,14 @@ def breakdown(index, keys, values, queries, targets, k, s, tau, batch, source) -
         q = timed("fp16->fp32 queries", np.asarray, queries[sl], np.float32)
         dists, ids = timed("search (faiss + mask)", search, index, q, k)
         nbr_values = timed("values gather", gather, ids)
-        exact = timed("exact_sq_dists", exact_sq_dists, q, keys, ids if source == "exact" else ids[:, :s])
+        exact = timed("neighbour_sq_dists", neighbour_sq_dists, q, keys, ids if source == "exact" else ids[:, :s])
         used = exact if source == "exact" else dists
-        timed("p_knn_of", p_knn_of, used, nbr_values, targets[sl], tau)
         timed("target_stats", target_stats, nbr_values, targets[sl])
+        weights, _ = timed("softmax_weights", softmax_weights, used, tau, nbr_values)
+        timed("p_knn_from_weights", p_knn_from_weights, weights, nbr_values, targets[sl])
+        timed("top_tokens", top_tokens, weights, nbr_values, KNN_TOP)
         timed("n_found + slices", found_and_slices, ids, dists)
-        timed("top_tokens", top_tokens, used, nbr_values, tau, KNN_TOP)
+        timed("query PQ error", reconstruction_error, index, q)
     return secs
 
 

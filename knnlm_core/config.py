@@ -27,7 +27,7 @@ class RunConfig:
     model: str = "data/models/demo-gpt2"  # hub name (e.g. gpt2-xl) or local HF directory
     tokenizer: str = ""  # tokenizer name / directory; "" = same as model
     dtype: str = "float32"  # float32 | bfloat16 | float16: forward-pass dtype (keys stored fp16)
-    device: str = "cpu"  # cpu | cuda
+    device: str = "auto"  # auto (cuda when a GPU is visible, else cpu) | cpu | cuda
     batch_size: int = 8  # windows per forward pass
     max_context: int = 0  # 0 = model's n_positions capped at 1024
     stride: int = 0  # 0 = max_context // 2
@@ -49,7 +49,8 @@ class RunConfig:
     store_neighbors: int = 64  # neighbours per evaluation position kept in DuckDB
     lm_top: int = 10  # LM top predictions kept per position
     contamination_search: str = "exact"  # exact | index (record which one was used)
-    # --- misc ---
+    # --- execution ---
+    shard_size: int = 131072  # keys / positions / queries per shard: the unit of work and of resume
     seed: int = 0
     threads: int = 2
 
@@ -57,7 +58,8 @@ class RunConfig:
         """Return self if consistent, else raise ConfigError naming the field and the fix."""
         checks = [
             (self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
-            (self.device in ("cpu", "cuda"), "device must be cpu or cuda"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+            (self.shard_size >= 1, "shard_size must be >= 1"),
             (self.distance_source in ("pq", "exact"), "distance_source must be 'pq' or 'exact'"),
             (self.contamination_search in ("exact", "index"), "contamination_search must be 'exact' or 'index'"),
             (self.k >= 1, "k must be >= 1"),

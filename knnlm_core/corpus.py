@@ -26,8 +26,15 @@ def read_text(path: Path) -> str:
         raise CorpusError(f"corpus file not found: {path} (check the path in the config)")
     raw = path.read_bytes()
     if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    text = raw.decode("utf-8")
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise CorpusError(f"corpus file {path} is not valid gzip ({err}); re-download or decompress it") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"corpus file is not UTF-8 text: {path} (byte {err.start}: {err.reason}); convert it, "
+                          "e.g. iconv -f latin1 -t utf-8") from None
     if not text.strip():
         raise CorpusError(f"corpus file is empty: {path} (point the config at a non-empty text file)")
     return text

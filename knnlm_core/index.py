@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import faiss
 import numpy as np
 
+SUPPORTED_FORMS = "IVF<nlist>,PQ<m> (the paper's), IVF<nlist>,Flat, IVF<nlist>,SQ8, PQ<m>, Flat, OPQ<m>,IVF<nlist>,PQ<m>"
 MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this many training points per list
 
 
@@ -45,9 +46,16 @@ def check_factory(factory: str, dim: int, n_train: int) -> None:
             f"but only {n_train:,} are available (use IVF{suggest} or a larger datastore)"
         )
     try:
-        faiss.index_factory(dim, factory, faiss.METRIC_L2)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
     except RuntimeError as err:
         raise IndexConfigError(f"faiss cannot build '{factory}': {str(err).splitlines()[-1]}") from err
+    try:
+        index.sa_code_size()
+    except RuntimeError as err:  # e.g. HNSW32: no standalone codec, so no encode-once build and no PQ error
+        raise IndexConfigError(
+            f"index '{factory}' has no standalone codec (faiss sa_encode), which the run needs to encode each key "
+            f"once and to measure quantization error; use one of: {SUPPORTED_FORMS}"
+        ) from err
 
 
 def blocks(keys: np.ndarray, block: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
@@ -88,9 +96,28 @@ def add_keys(index: faiss.Index, keys: np.ndarray, progress: Callable[[int], Non
             progress(len(block))
 
 
+def encode_with_error(index: faiss.Index, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (n, code_size) uint8, ||x - x̂||² (n,) float64) of float32 rows x, x̂ decoded from the same codes."""
+    codes = index.sa_encode(block)
+    err = np.einsum("ij,ij->i", *(2 * [block.astype(np.float64) - index.sa_decode(codes)]))
+    return codes, err
+
+
+def add_codes(index: faiss.Index, codes: np.ndarray, first_id: int) -> None:
+    """Add sa_encode codes as entries first_id.. (same result as `index.add` of the vectors)."""
+    ids = np.arange(first_id, first_id + len(codes), dtype=np.int64)
+    if isinstance(index, faiss.IndexPreTransform):  # codes are the inner index's codes of transformed vectors
+        inner = faiss.downcast_index(index.index)
+        inner.add_sa_codes(codes, ids)
+        index.ntotal = inner.ntotal
+    else:
+        index.add_sa_codes(codes, ids)
+
+
 def _ivf_or_none(index: faiss.Index):
+    """The IVF inside `index` as its concrete class (e.g. IndexIVFPQ, so its own fields are visible), or None."""
     try:
-        return faiss.extract_index_ivf(index)
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
     except RuntimeError:
         return None
 

@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     over.add_argument("--eval-corpus", help="evaluation text file")
     over.add_argument("--eval-limit-tokens", type=int, help="evaluate only the first N tokens")
     over.add_argument("--store-neighbors", type=int, help="neighbours per position kept in DuckDB")
-    over.add_argument("--device", choices=["cpu", "cuda"])
+    over.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when a GPU is visible")
+    over.add_argument("--shard-size", type=int, help="keys / positions / queries per shard (resume unit)")
     over.add_argument("--threads", type=int)
     return parser.parse_args(argv)
 
@@ -47,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that --help stays fast (the pipeline imports torch and faiss).
     from knnlm_core.corpus import CorpusError
     from knnlm_core.index import IndexConfigError
+    from knnlm_core.keystore import KeyStoreError
     from knnlm_core.model import ModelError
     from precompute.pipeline import RunError, build_run
 
     try:
         cfg = load_config(args.config, overrides)
         build_run(cfg, args.run_dir, overwrite=args.overwrite, run_name=args.run_name)
-    except (ConfigError, CorpusError, IndexConfigError, ModelError, RunError) as err:
+    except (ConfigError, CorpusError, IndexConfigError, KeyStoreError, ModelError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,11 +1,18 @@
-"""Independent recomputation of a run's stored columns from the run's own files.
+"""Independent recomputation of a run's stored columns from the run's own files (SPEC §2-§5, §7).
 
-`python -m precompute.verify --run-dir DIR [--sample 2000]` re-derives, from keys.npy,
+`python -m precompute.verify --run-dir DIR [--sample 2000]` re-derives, from the keys,
 values.npy, queries.npy, eval_ids.npy, datastore_ids.npy and index.faiss, every SPEC §7
 column of metrics.duckdb, with straightforward numpy code that shares nothing with the
-pipeline's metric functions, and prints one line per check. p_LM needs the model and is
-taken as stored; everything derived from it (p_kNNLM, NLL, gain, PPL) is recomputed.
-Exits 1 when a check fails.
+pipeline's metric functions, and prints one line per check. Keys are read through
+`knnlm_core.keystore.open_keys`, so either layout works: `keys.npy`, or shards in `keys/`
+listed by `keys/shards.json`. p_LM needs the model and is taken as stored; everything
+derived from it (p_kNNLM, NLL, gain, PPL) is recomputed. Exits 1 when a check fails.
+
+Retrieval columns are re-searched on a sample of positions and checked for internal
+consistency on all of them. Type metrics are recomputed on the types with the smallest
+freq (where an off-by-one in m_v = min(freq, 1024) matters most) plus a random sample;
+contamination by brute force when the run says `contamination_mode = 'exact'`, by the
+index when it says 'index'.
 """
 
 from __future__ import annotations
@@ -18,132 +25,210 @@ from pathlib import Path
 import duckdb
 import faiss
 import numpy as np
+import pandas as pd
+
+from knnlm_core.keystore import KeyStoreError, open_keys
 
 HIT_KS = (1, 8, 16, 64, 256, 1024)
+M_MAX = 1024  # m_v = min(freq(v), 1024) neighbours of the centroid for contamination (SPEC §5)
+CONTAMINATION_MODES = ("exact", "index")
+PER_FREQ = 10  # deterministic type check: up to this many types of each of the smallest freq values
+
+Check = tuple[str, bool, str]
 
 
-def _close(name: str, got, want, atol: float, rtol: float = 1e-5) -> tuple[str, bool, str]:
+def _close(name: str, got, want, atol: float, rtol: float = 1e-5) -> Check:
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
     both_nan = np.isnan(got) & np.isnan(want)
-    ok = bool(np.all(both_nan | np.isclose(got, want, atol=atol, rtol=rtol)))
-    err = np.nanmax(np.abs(got - want)) if got.size else 0.0
+    ok = got.shape == want.shape and bool(np.all(both_nan | np.isclose(got, want, atol=atol, rtol=rtol)))
+    err = np.nanmax(np.abs(got - want)) if got.size and got.shape == want.shape else 0.0
     return name, ok, f"max |diff| {err:.3g} over {got.size}"
 
 
-def _equal(name: str, got, want) -> tuple[str, bool, str]:
+def _equal(name: str, got, want) -> Check:
     got, want = np.asarray(got), np.asarray(want)
     ok = got.shape == want.shape and bool(np.all(got == want))
     return name, ok, f"{int(np.sum(got != want)) if got.shape == want.shape else 'shape'} mismatches over {want.size}"
 
 
-def brute_force_contamination(keys, values, mus: np.ndarray, types: np.ndarray, freqs: np.ndarray,
-                              block: int = 131072) -> np.ndarray:
-    """Share of the min(freq, 1024) keys nearest each centroid whose value differs, by a full scan."""
-    m = np.minimum(freqs, 1024)
+def _digit_bin(freq: np.ndarray) -> np.ndarray:
+    """floor(log10(freq)) by digit count, -1 for freq 0 (SPEC §3)."""
+    return np.array([len(str(int(f))) - 1 if f > 0 else -1 for f in freq], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- contamination reference
+
+def nearest_entries(keys, mus: np.ndarray, kk: int, block: int = 131072) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (J, kk), squared L2 (J, kk) float64, ascending) of the keys nearest each row of mus (J, d).
+
+    A full scan picks kk + 32 candidates per row by float32 distances; they are then re-ranked
+    by exact float64 distances, so ties at the cut can be told from real differences.
+    """
+    n = len(keys)
+    kc = min(n, kk + 32)
+    mus32 = np.ascontiguousarray(mus, dtype=np.float32)
+    mu_sq = np.sum(mus32.astype(np.float64) ** 2, axis=1)  # (J,)
     best_d = np.full((len(mus), 0), np.inf)
     best_i = np.zeros((len(mus), 0), dtype=np.int64)
-    for start in range(0, len(keys), block):
-        kb = np.asarray(keys[start : start + block], dtype=np.float32)
-        d2 = ((mus[:, None, :] - kb[None, :, :]) ** 2).sum(-1) if len(mus) * len(kb) < 2e6 else (
-            (mus**2).sum(1)[:, None] + (kb**2).sum(1)[None, :] - 2 * mus @ kb.T)
+    for start in range(0, n, block):
+        kb = np.asarray(keys[start : start + block], dtype=np.float32)  # (B, d)
+        d2 = mu_sq[:, None] + np.sum(kb.astype(np.float64) ** 2, axis=1)[None, :] - 2.0 * (mus32 @ kb.T)  # (J, B)
         cat_d = np.concatenate([best_d, d2], axis=1)
         cat_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(kb)), d2.shape)], axis=1)
-        keep = np.argpartition(cat_d, min(1023, cat_d.shape[1] - 1), axis=1)[:, :1024]
-        best_d, best_i = np.take_along_axis(cat_d, keep, 1), np.take_along_axis(cat_i, keep, 1)
-    order = np.argsort(best_d, axis=1)
-    best_i = np.take_along_axis(best_i, order, 1)
-    return np.array([np.mean(values[best_i[j, : m[j]]] != t) for j, t in enumerate(types)])
+        if cat_d.shape[1] > kc:
+            keep = np.argpartition(cat_d, kc - 1, axis=1)[:, :kc]
+            cat_d, cat_i = np.take_along_axis(cat_d, keep, 1), np.take_along_axis(cat_i, keep, 1)
+        best_d, best_i = cat_d, cat_i
+    exact = np.stack([np.sum((np.asarray(keys[row], dtype=np.float64) - mu) ** 2, axis=1)
+                      for row, mu in zip(best_i, mus32.astype(np.float64))])  # (J, kc)
+    order = np.argsort(exact, axis=1, kind="stable")
+    return np.take_along_axis(best_i, order, 1), np.take_along_axis(exact, order, 1)
 
 
-def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: int = 0) -> list[tuple[str, bool, str]]:
-    """List of (check, passed, detail) for the run at run_dir."""
-    run_dir = Path(run_dir)
-    con = duckdb.connect(str(run_dir / "metrics.duckdb"), read_only=True)
-    run = con.execute("SELECT * FROM run").fetchdf().iloc[0]
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    keys = np.load(run_dir / "keys.npy", mmap_mode="r")
-    values = np.load(run_dir / "values.npy")
-    queries = np.load(run_dir / "queries.npy", mmap_mode="r")
-    ev_ids = np.load(run_dir / "eval_ids.npy")
-    ds_ids = np.load(run_dir / "datastore_ids.npy")
-    index = faiss.read_index(str(run_dir / "index.faiss"))
-    k, tau, lam = int(run["k"]), float(run["temperature"]), float(run["lambda"])
-    n, t = len(values), len(ev_ids) - 1
+def contamination_bounds(d2: np.ndarray, nbr_values: np.ndarray, v: int, m: int, atol: float) -> tuple[float, float]:
+    """(lowest, highest) share of non-v values among the m nearest entries (d2 ascending, (K,)).
+
+    Entries whose distance equals the m-th one within atol (float32 rounding in the run's own
+    search) may be ordered either way; the bounds span every such order and nothing more.
+    """
+    dm = d2[m - 1]
+    inside = d2 < dm - atol  # surely among the m nearest
+    tied = np.abs(d2 - dm) <= atol
+    foreign_inside = int(np.sum(nbr_values[inside] != v))
+    free = m - int(inside.sum())  # slots the tied entries fill
+    tied_foreign = int(np.sum(nbr_values[tied] != v))
+    tied_own = int(tied.sum()) - tied_foreign
+    lo = foreign_inside + max(0, free - tied_own)
+    hi = foreign_inside + min(free, tied_foreign)
+    return lo / m, hi / m
+
+
+def contamination_check(name: str, got: np.ndarray, ids: np.ndarray, d2: np.ndarray, values: np.ndarray,
+                        types: np.ndarray, freqs: np.ndarray, mus: np.ndarray, rtol: float = 2e-5) -> Check:
+    """Stored contamination of each type (J,) inside its tie-aware bounds from neighbour lists (J, K).
+
+    Distances within rtol x (||mu||² + ||k||²) of the m-th count as tied: the float32 rounding
+    of a squared L2 computed as ||mu||² + ||k||² - 2 mu.k.
+    """
+    bad = []
+    mu_norm = np.sqrt(np.sum(np.asarray(mus, dtype=np.float64) ** 2, axis=1))  # (J,)
+    for j, (v, f) in enumerate(zip(types, freqs)):
+        m = int(min(f, M_MAX))
+        row = ids[j]
+        ok = row >= 0
+        dm = max(float(d2[j][ok][m - 1]), 0.0)
+        atol = rtol * (mu_norm[j] ** 2 + (mu_norm[j] + np.sqrt(dm)) ** 2) + 1e-12
+        lo, hi = contamination_bounds(d2[j][ok], values[row[ok]], int(v), m, atol)
+        if not (lo - 1e-12 <= got[j] <= hi + 1e-12):  # NaN fails too
+            bad.append(int(v))
+    return name, not bad, f"{len(bad)} of {len(types)} types outside their bounds{f' (e.g. {bad[:5]})' if bad else ''}"
+
+
+# ---------------------------------------------------------------- checks by table
+
+def check_eval_columns(ev: pd.DataFrame, ev_ids: np.ndarray, freq: np.ndarray, run: pd.Series, lam: float) -> list[Check]:
+    """Cheap eval_tokens columns on every position, and the run's perplexities."""
+    t, targets = len(ev_ids) - 1, ev_ids[1:]
     checks = [
-        _equal("run.n_entries / n_eval / dim", [run["n_entries"], run["n_eval"], run["dim"]], [n, t, keys.shape[1]]),
-        _equal("manifest agrees with run table", [manifest["n_entries"], manifest["n_eval"], manifest["parameters"]["k"]],
-               [n, t, k]),
-        _equal("values = datastore token i+1", values, ds_ids[1:]),
+        _equal("eval_tokens.pos = 0..T-1", ev["pos"].to_numpy(), np.arange(t)),
+        _equal("eval_tokens.token_id = eval token pos+1", ev["token_id"].to_numpy(), targets),
+        _equal("eval_tokens.freq", ev["freq"].to_numpy(), freq[targets]),
+        _equal("eval_tokens.freq_bin", ev["freq_bin"].to_numpy(), _digit_bin(freq[targets])),
+        _equal("eval_tokens.context_freq", ev["context_freq"].to_numpy(), freq[ev_ids[:-1]]),
     ]
-    freq = np.zeros(max(int(values.max()), int(ev_ids.max())) + 1, dtype=np.int64)
-    np.add.at(freq, values, 1)
-
-    # ---- eval_tokens: all positions for cheap columns, a sample for retrieval ones
-    ev = con.execute("SELECT * FROM eval_tokens ORDER BY pos").fetchdf()
-    targets = ev_ids[1:]
-    checks.append(_equal("eval_tokens.pos = 0..T-1", ev["pos"].to_numpy(), np.arange(t)))
-    checks.append(_equal("eval_tokens.token_id = eval token pos+1", ev["token_id"].to_numpy(), targets))
-    checks.append(_equal("eval_tokens.freq", ev["freq"].to_numpy(), freq[targets]))
-    expect_bin = np.array([len(str(f)) - 1 if f > 0 else -1 for f in freq[targets]])
-    checks.append(_equal("eval_tokens.freq_bin", ev["freq_bin"].to_numpy(), expect_bin))
-    checks.append(_equal("eval_tokens.context_freq", ev["context_freq"].to_numpy(), freq[ev_ids[:-1]]))
-    p_lm, p_knn = ev["p_lm"].to_numpy(), ev["p_knn"].to_numpy()
+    p_lm, p_knn = ev["p_lm"].to_numpy(dtype=np.float64), ev["p_knn"].to_numpy(dtype=np.float64)
     p_mix = lam * p_knn + (1 - lam) * p_lm
-    checks.append(_close("p_knnlm = λ p_knn + (1-λ) p_lm", ev["p_knnlm"], p_mix, 1e-12))
-    checks.append(_close("nll_lm = -ln p_lm", ev["nll_lm"], -np.log(p_lm), 1e-9))
-    checks.append(_close("nll_knnlm = -ln p_knnlm", ev["nll_knnlm"], -np.log(p_mix), 1e-9))
-    checks.append(_close("gain = ln p_knnlm - ln p_lm", ev["gain"], np.log(p_mix) - np.log(p_lm), 1e-9))
-    checks.append(_close("run.ppl_lm", run["ppl_lm"], np.exp(np.mean(-np.log(p_lm))), 0, 1e-9))
-    checks.append(_close("run.ppl_knnlm", run["ppl_knnlm"], np.exp(np.mean(-np.log(p_mix))), 0, 1e-9))
+    with np.errstate(divide="ignore"):
+        checks += [
+            _close("p_knnlm = λ p_knn + (1-λ) p_lm", ev["p_knnlm"], p_mix, 1e-12),
+            _close("nll_lm = -ln p_lm", ev["nll_lm"], -np.log(p_lm), 1e-9),
+            _close("nll_knnlm = -ln p_knnlm", ev["nll_knnlm"], -np.log(p_mix), 1e-9),
+            _close("gain = ln p_knnlm - ln p_lm", ev["gain"], np.log(p_mix) - np.log(p_lm), 1e-9),
+            _close("run.ppl_lm", run["ppl_lm"], np.exp(np.mean(-np.log(p_lm))), 0, 1e-9),
+            _close("run.ppl_knnlm", run["ppl_knnlm"], np.exp(np.mean(-np.log(p_mix))), 0, 1e-9),
+        ]
+    return checks
 
-    rng = np.random.default_rng(seed)
-    pos = np.sort(rng.choice(t, size=min(sample, t), replace=False))
-    q = np.asarray(queries[pos], dtype=np.float32)
+
+def _stored_rank(col: pd.Series) -> np.ndarray:
+    """target_rank as int64 with NULL -> -1 (so a stored 0 stays visible as wrong)."""
+    return col.astype("Float64").fillna(-1).to_numpy(dtype=np.float64).astype(np.int64)
+
+
+def check_rank_consistency(ev: pd.DataFrame, k: int) -> list[Check]:
+    """On every position: target_rank NULL iff n_target = 0, rank in 1..k, hit_k = rank <= k."""
+    rank, n_target = _stored_rank(ev["target_rank"]), ev["n_target"].to_numpy(dtype=np.int64)
+    valid = np.where(n_target > 0, (rank >= 1) & (rank <= k), rank == -1)
+    checks = [("target_rank NULL iff n_target = 0, else in 1..k (all positions)", bool(valid.all()),
+               f"{int((~valid).sum())} bad of {len(rank)}")]
+    for hk in HIT_KS:
+        col = ev[f"hit_{hk}"]
+        if hk <= k:
+            got = col.astype("boolean")
+            ok = ~got.isna().to_numpy() & (got.fillna(False).to_numpy(dtype=bool) == ((rank >= 1) & (rank <= hk)))
+            checks.append((f"hit_{hk} = target_rank <= {hk} (all positions)", bool(ok.all()),
+                           f"{int((~ok).sum())} mismatches over {len(ok)}"))
+    return checks
+
+
+def search_reference(index, keys, values: np.ndarray, q: np.ndarray, y: np.ndarray, run: pd.Series) -> dict:
+    """Re-searched p_kNN, log Z, target rank (-1 = none), n_target and neighbour lists of queries q (S, d)."""
+    k, tau = int(run["k"]), float(run["temperature"])
     try:
         faiss.extract_index_ivf(index).nprobe = int(run["nprobe"])
     except RuntimeError:
         pass
-    dist, ids = index.search(q, k)
+    dist, ids = index.search(q, k)  # (S, k)
     nbr_val = np.where(ids >= 0, values[np.maximum(ids, 0)], -1)
     if run["distance_source"] == "exact":
-        d_use = np.array([[np.sum((keys[i].astype(np.float32) - qq) ** 2) if i >= 0 else np.inf for i in row]
-                          for row, qq in zip(ids, q)])
+        d_use = np.stack([np.where(row >= 0, np.sum((np.asarray(keys[np.maximum(row, 0)], np.float32) - qq) ** 2,
+                                                    axis=1), np.inf) for row, qq in zip(ids, q)])
     else:
         d_use = np.where(ids >= 0, dist.astype(np.float64), np.inf)
-    p_ref, rank_ref, ntar_ref, logz_ref = [], [], [], []
-    for drow, vrow, y in zip(d_use, nbr_val, targets[pos]):
+    p, rank, n_target, log_z = [], [], [], []
+    for drow, vrow, target in zip(d_use, nbr_val, y):
         ok = vrow >= 0
         logits = -drow[ok] / tau
         w = np.exp(logits - logits.max())
-        logz_ref.append(logits.max() + np.log(w.sum()))
-        w /= w.sum()
-        p_ref.append(w[vrow[ok] == y].sum())
-        hits = np.flatnonzero(vrow == y)
-        rank_ref.append(hits[0] + 1 if len(hits) else 0)
-        ntar_ref.append(len(hits))
-    sub = ev.iloc[pos]
-    checks.append(_close("p_knn (re-searched)", sub["p_knn"], p_ref, 1e-6, 1e-4))
-    # float32 PQ distances differ in their last bits between faiss batch sizes: ~1e-4 in log Z.
-    checks.append(_close("knn_log_z (re-searched)", sub["knn_log_z"], logz_ref, 1e-4, 1e-5))
-    rank_got = sub["target_rank"].fillna(0).to_numpy(dtype=np.int64)
-    checks.append(_equal("target_rank (re-searched)", rank_got, rank_ref))
-    checks.append(_equal("n_target (re-searched)", sub["n_target"].to_numpy(), ntar_ref))
+        log_z.append(logits.max() + np.log(w.sum()))
+        p.append(w[vrow[ok] == target].sum() / w.sum())
+        hits = np.flatnonzero(vrow == target)
+        rank.append(hits[0] + 1 if len(hits) else -1)
+        n_target.append(len(hits))
+    return {"dist": dist, "ids": ids, "p_knn": np.array(p), "log_z": np.array(log_z), "rank": np.array(rank),
+            "n_target": np.array(n_target)}
+
+
+def check_retrieval(sub: pd.DataFrame, ref: dict, q: np.ndarray, index, k: int) -> list[Check]:
+    """Sampled positions' retrieval columns against a fresh search."""
+    checks = [_close("p_knn (re-searched)", sub["p_knn"], ref["p_knn"], 1e-6, 1e-4)]
+    if "knn_log_z" in sub.columns:
+        # float32 PQ distances differ in their last bits between faiss batch sizes: ~1e-4 in log Z.
+        checks.append(_close("knn_log_z (re-searched)", sub["knn_log_z"], ref["log_z"], 1e-4, 1e-5))
+    checks.append(_equal("target_rank (re-searched)", _stored_rank(sub["target_rank"]), ref["rank"]))
+    checks.append(_equal("n_target (re-searched)", sub["n_target"].to_numpy(), ref["n_target"]))
     for hk in HIT_KS:
         col = sub[f"hit_{hk}"]
         if hk <= k:
-            want = (np.array(rank_ref) > 0) & (np.array(rank_ref) <= hk)
-            checks.append(_equal(f"hit_{hk}", col.to_numpy(dtype=bool), want))
+            want = (ref["rank"] >= 1) & (ref["rank"] <= hk)
+            got = col.astype("boolean")
+            ok = ~got.isna().to_numpy() & (got.fillna(False).to_numpy(dtype=bool) == want)
+            checks.append((f"hit_{hk} (re-searched)", bool(ok.all()), f"{int((~ok).sum())} mismatches over {len(ok)}"))
         else:
-            checks.append(_equal(f"hit_{hk} is NULL (k={k})", col.isna().to_numpy(), np.ones(len(pos), bool)))
+            checks.append(_equal(f"hit_{hk} is NULL (k={k})", col.isna().to_numpy(), np.ones(len(sub), bool)))
     recon = index.sa_decode(index.sa_encode(q))
     checks.append(_close("query_pq_error", sub["query_pq_error"], np.sum((q - recon) ** 2, axis=1), 1e-4, 1e-4))
+    return checks
 
-    # ---- neighbors of the sampled positions
-    s = int(run["store_neighbors"])
-    nb = con.execute("SELECT * FROM neighbors WHERE pos = ANY(?) ORDER BY pos, rank", [pos.tolist()]).fetchdf()
+
+def check_neighbors(nb: pd.DataFrame, ref: dict, pos: np.ndarray, q: np.ndarray, keys, values: np.ndarray,
+                    s: int) -> list[Check]:
+    """Stored first-s neighbours of the sampled positions against the fresh search."""
+    dist, ids = ref["dist"], ref["ids"]
     want_entries = np.concatenate([row[:s][row[:s] >= 0] for row in ids])
     want_dist = np.concatenate([drow[:s][row[:s] >= 0] for drow, row in zip(dist, ids)])
     got_entries = nb["entry"].to_numpy()
+    checks = []
     if len(got_entries) == len(want_entries):
         # Equal (tied) distances may come back in another order: a swap is fine when the
         # stored distance at that rank equals the re-searched one.
@@ -151,31 +236,47 @@ def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: 
         tie = np.isclose(nb["distance_pq"].to_numpy()[swapped], want_dist[swapped], rtol=1e-5, atol=1e-4)
         checks.append(("neighbors.entry (re-searched)", bool(tie.all()),
                        f"{int(swapped.sum())} tie swaps, {int((~tie).sum())} mismatches over {len(want_entries)}"))
+        checks.append(_close("neighbors.distance_pq", nb["distance_pq"], want_dist, 1e-3, 1e-4))
     else:
         checks.append(_equal("neighbors.entry (re-searched)", got_entries, want_entries))
-    checks.append(_equal("neighbors.token_id = values[entry]", nb["token_id"].to_numpy(), values[nb["entry"].to_numpy()]))
-    want_pq = np.concatenate([drow[:s][row[:s] >= 0] for drow, row in zip(dist, ids)])
-    checks.append(_close("neighbors.distance_pq", nb["distance_pq"], want_pq, 1e-3, 1e-4))
+    checks.append(_equal("neighbors.token_id = values[entry]", nb["token_id"].to_numpy(), values[got_entries]))
     qpos = np.searchsorted(pos, nb["pos"].to_numpy())
-    exact = np.sum((keys[nb["entry"].to_numpy()].astype(np.float32) - q[qpos]) ** 2, axis=1)
+    exact = np.sum((np.asarray(keys[got_entries], dtype=np.float32) - q[qpos]) ** 2, axis=1)
     checks.append(_close("neighbors.distance_exact", nb["distance_exact"], exact, 1e-3, 1e-4))
+    return checks
 
-    # ---- token_types on a sample of types
-    tt = con.execute("SELECT * FROM token_types ORDER BY token_id").fetchdf()
+
+def pick_types(freq: np.ndarray, type_sample: int, rng: np.random.Generator) -> np.ndarray:
+    """Types to recompute: up to PER_FREQ of each of the smallest freq values (half the budget), then random."""
     seen = np.flatnonzero(freq)
-    eval_count = np.bincount(targets, minlength=len(freq))
-    checks.append(_equal("token_types rows = types with freq>=1 or in eval",
-                         tt["token_id"].to_numpy(), np.flatnonzero((freq > 0) | (eval_count > 0))))
-    checks.append(_equal("token_types.freq", tt["freq"].to_numpy(), freq[tt["token_id"].to_numpy()]))
-    checks.append(_equal("token_types.eval_count", tt["eval_count"].to_numpy(), eval_count[tt["token_id"].to_numpy()]))
-    pick = rng.choice(seen, size=min(type_sample, len(seen)), replace=False)
+    by_freq = seen[np.lexsort((seen, freq[seen]))]  # freq ascending, then token id
+    rank_in_freq = np.arange(len(by_freq)) - np.searchsorted(freq[by_freq], freq[by_freq])
+    fixed = by_freq[rank_in_freq < PER_FREQ][: type_sample // 2]
+    rest = np.setdiff1d(seen, fixed)
+    extra = rng.choice(rest, size=min(type_sample - len(fixed), len(rest)), replace=False)
+    return np.sort(np.concatenate([fixed, extra]))
+
+
+def check_types(tt: pd.DataFrame, keys, values: np.ndarray, freq: np.ndarray, eval_count: np.ndarray, index,
+                run: pd.Series, type_sample: int, rng: np.random.Generator) -> list[Check]:
+    """token_types: rows, freq, freq_bin, eval_count of all types; cv, PQ error, contamination of picked ones."""
+    tid = tt["token_id"].to_numpy()
+    checks = [
+        _equal("token_types rows = types with freq>=1 or in eval", tid, np.flatnonzero((freq > 0) | (eval_count > 0))),
+    ]
+    if len(tid) != int(np.sum((freq > 0) | (eval_count > 0))) or tid.max(initial=0) >= len(freq):
+        return checks
+    checks += [
+        _equal("token_types.freq", tt["freq"].to_numpy(), freq[tid]),
+        _equal("token_types.freq_bin", tt["freq_bin"].to_numpy(), _digit_bin(freq[tid])),
+        _equal("token_types.eval_count", tt["eval_count"].to_numpy(), eval_count[tid]),
+    ]
+    pick = pick_types(freq, type_sample, rng)
     order = np.argsort(values, kind="stable")
     starts = np.searchsorted(values[order], pick)
     cv_ref, pq_ref, pqmax_ref, mus = [], [], [], []
-    contamination_exact = run["contamination_mode"] == "exact"
     for v, st in zip(pick, starts):
-        rows = order[st : st + freq[v]]
-        kv = np.asarray(keys[np.sort(rows)], dtype=np.float32)
+        kv = np.asarray(keys[np.sort(order[st : st + freq[v]])], dtype=np.float32)  # (freq, d)
         mu = kv.astype(np.float64).mean(axis=0)
         r = np.sqrt(np.sum((kv - mu.astype(np.float32)) ** 2, axis=1, dtype=np.float64))
         cv_ref.append(r.std() / r.mean() if len(r) >= 2 and r.mean() > 0 else np.nan)
@@ -184,20 +285,81 @@ def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: 
         pqmax_ref.append(err.max())
         mus.append(mu)
     got = tt.set_index("token_id").loc[pick]
-    checks.append(_close("token_types.cv", got["cv"], cv_ref, 1e-4, 1e-3))
-    checks.append(_close("token_types.pq_error_mean", got["pq_error_mean"], pq_ref, 1e-4, 1e-3))
-    checks.append(_close("token_types.pq_error_max", got["pq_error_max"], pqmax_ref, 1e-4, 1e-3))
-    if contamination_exact:
-        cont_ref = brute_force_contamination(keys, values, np.array(mus, dtype=np.float32), pick, freq[pick])
-        # Ties at the m-th distance may swap one neighbour: allow one entry of slack per type.
-        slack = 1.0 / np.minimum(freq[pick], 1024)
-        diff = np.abs(got["contamination"].to_numpy() - np.array(cont_ref))
-        checks.append(("token_types.contamination (brute force)", bool(np.all(diff <= slack + 1e-12)),
-                       f"max |diff| {diff.max():.3g} over {len(pick)}"))
-    # ---- datastore_tokens
-    dt = con.execute("SELECT token_id FROM datastore_tokens ORDER BY pos").fetchnumpy()["token_id"]
-    checks.append(_equal("datastore_tokens = datastore stream", dt, ds_ids))
-    con.close()
+    checks += [
+        _close("token_types.cv", got["cv"], cv_ref, 1e-4, 1e-3),
+        _close("token_types.pq_error_mean", got["pq_error_mean"], pq_ref, 1e-4, 1e-3),
+        _close("token_types.pq_error_max", got["pq_error_max"], pqmax_ref, 1e-4, 1e-3),
+    ]
+    mode = run.get("contamination_mode")
+    checks.append(("run.contamination_mode is 'exact' or 'index'", mode in CONTAMINATION_MODES, f"{mode!r}"))
+    mus32 = np.array(mus, dtype=np.float32)  # (J, d): the run searches float32 centroids
+    kk = int(min(M_MAX, len(keys)))
+    stored = got["contamination"].to_numpy(dtype=np.float64)
+    if mode == "exact":
+        ids, d2 = nearest_entries(keys, mus32, kk)
+        checks.append(contamination_check("token_types.contamination (brute force)", stored, ids, d2, values,
+                                          pick, freq[pick], mus32))
+    elif mode == "index":
+        dist, ids = index.search(mus32, min(kk + 32, len(keys)))
+        checks.append(contamination_check("token_types.contamination (index re-search)", stored, ids,
+                                          np.where(ids >= 0, dist.astype(np.float64), np.inf), values,
+                                          pick, freq[pick], mus32))
+    return checks
+
+
+# ---------------------------------------------------------------- orchestration
+
+def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: int = 0) -> list[Check]:
+    """List of (check, passed, detail) for the run at run_dir; KeyStoreError if its keys are unreadable."""
+    # ---- load (keys in either layout, through the one reader)
+    run_dir = Path(run_dir)
+    con = duckdb.connect(str(run_dir / "metrics.duckdb"), read_only=True)
+    try:
+        run = con.execute("SELECT * FROM run").fetchdf().iloc[0]
+        ev = con.execute("SELECT * FROM eval_tokens ORDER BY pos").fetchdf()
+        tt = con.execute("SELECT * FROM token_types ORDER BY token_id").fetchdf()
+        dt = con.execute("SELECT token_id FROM datastore_tokens ORDER BY pos").fetchnumpy()["token_id"]
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        values = np.load(run_dir / "values.npy")
+        keys = open_keys(run_dir, n=len(values))
+        queries = np.load(run_dir / "queries.npy", mmap_mode="r")
+        ev_ids, ds_ids = np.load(run_dir / "eval_ids.npy"), np.load(run_dir / "datastore_ids.npy")
+        index = faiss.read_index(str(run_dir / "index.faiss"))
+        k, lam = int(run["k"]), float(run["lambda"])
+        n, t = len(values), len(ev_ids) - 1
+        s = int(run["store_neighbors"]) if "store_neighbors" in run.index else int(manifest["store_neighbors"])
+
+        # ---- run-level facts
+        checks = [
+            _equal("run.n_entries / n_eval / dim", [run["n_entries"], run["n_eval"], run["dim"]], [n, t, keys.shape[1]]),
+            _equal("manifest agrees with run table",
+                   [manifest["n_entries"], manifest["n_eval"], manifest["parameters"]["k"]], [n, t, k]),
+            _equal("queries.npy shape = (T, d)", list(queries.shape), [t, keys.shape[1]]),
+            _equal("values = datastore token i+1", values, ds_ids[1:]),
+            _equal("datastore_tokens = datastore stream", dt, ds_ids),
+        ]
+        if "contamination_search" in manifest:
+            checks.append(_equal("run.contamination_mode = manifest contamination_search",
+                                 [str(run.get("contamination_mode"))], [str(manifest["contamination_search"])]))
+        freq = np.zeros(max(int(values.max()), int(ev_ids.max())) + 1, dtype=np.int64)
+        np.add.at(freq, values, 1)
+
+        # ---- eval_tokens: all positions for cheap columns and consistency, a sample re-searched
+        checks += check_eval_columns(ev, ev_ids, freq, run, lam)
+        checks += check_rank_consistency(ev, k)
+        rng = np.random.default_rng(seed)
+        pos = np.sort(rng.choice(t, size=min(sample, t), replace=False))
+        q = np.asarray(queries[pos], dtype=np.float32)  # (S, d)
+        ref = search_reference(index, keys, values, q, ev_ids[1:][pos], run)
+        checks += check_retrieval(ev.iloc[pos], ref, q, index, k)
+        nb = con.execute("SELECT * FROM neighbors WHERE pos = ANY(?) ORDER BY pos, rank", [pos.tolist()]).fetchdf()
+        checks += check_neighbors(nb, ref, pos, q, keys, values, s)
+
+        # ---- token_types
+        eval_count = np.bincount(ev_ids[1:], minlength=len(freq))
+        checks += check_types(tt, keys, values, freq, eval_count, index, run, type_sample, rng)
+    finally:
+        con.close()
     return checks
 
 
@@ -210,12 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run_dir / "metrics.duckdb").exists():
         print(f"error: no metrics.duckdb in {args.run_dir} (build the run first)", file=sys.stderr)
         return 2
-    missing = [f for f in ("keys.npy", "values.npy", "queries.npy", "index.faiss") if not (args.run_dir / f).exists()]
+    has_keys = (args.run_dir / "keys.npy").exists() or (args.run_dir / "keys" / "shards.json").exists()
+    missing = ([] if has_keys else ["keys.npy or keys/shards.json"]) + [
+        f for f in ("values.npy", "queries.npy", "index.faiss", "eval_ids.npy", "datastore_ids.npy", "manifest.json")
+        if not (args.run_dir / f).exists()]
     if missing:
         print(f"error: {args.run_dir} lacks {missing}: rebuild them with `python -m precompute --config ... "
               f"--run-dir {args.run_dir}`", file=sys.stderr)
         return 2
-    checks = verify_run(args.run_dir, args.sample, args.type_sample)
+    try:
+        checks = verify_run(args.run_dir, args.sample, args.type_sample)
+    except KeyStoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for name, ok, detail in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
     failed = sum(not ok for _, ok, _ in checks)

@@ -29,6 +29,7 @@ TINY_RUN_CONFIG = {
     "store_neighbors": 16,
     "batch_size": 8,
     "threads": 2,
+    "shard_size": 2048,  # several shards per heavy stage even on a tiny run
 }
 
 
@@ -107,7 +108,7 @@ def runs_root(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(runs_root) -> Path:
-    """Path of a complete real run directory (manifest.json, metrics.duckdb, keys.npy, ...)."""
+    """Path of a complete real run directory (manifest.json, metrics.duckdb, keys/, ...)."""
     return runs_root / "tiny"
 
 

@@ -14,9 +14,11 @@ import pytest
 from knnlm_core.index import (
     MIN_POINTS_PER_CENTROID,
     IndexConfigError,
+    add_codes,
     add_keys,
     blocks,
     check_factory,
+    encode_with_error,
     exact_sq_dists,
     ivf_nlist,
     reconstruction_error,
@@ -259,3 +261,29 @@ def test_exact_sq_dists_many_queries_in_steps():
     d = ((q.astype(np.float64)[:, None, :] - big[None, :, :]) ** 2).sum(axis=2)  # (3, 40)
     expected = np.where(ids < 0, np.inf, np.take_along_axis(d, np.maximum(ids, 0), axis=1))
     np.testing.assert_allclose(out, expected, rtol=1e-5)
+
+
+def test_train_index_skips_polysemous_training(keys):
+    index = train_index(keys, "IVF4,PQ4x4", 0, seed=0)
+    assert faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training is False
+
+
+@pytest.mark.parametrize("factory", ["IVF4,PQ4x4np", "IVF4,Flat", "Flat", "PQ4x4np", "OPQ4,IVF4,PQ4x4np"])
+def test_add_codes_equals_add_and_error_equals_reconstruction(keys, factory):
+    trained = train_index(keys, factory, 0, seed=0)
+    plain, ours = faiss.clone_index(trained), faiss.clone_index(trained)
+    x = np.asarray(keys, dtype=np.float32)
+    plain.add(x)
+    errors = []
+    for lo in range(0, len(x), 700):  # shards, as the index stage encodes them
+        codes, err = encode_with_error(ours, x[lo : lo + 700])
+        add_codes(ours, codes, lo)
+        errors.append(err)
+    assert faiss.serialize_index(ours).tobytes() == faiss.serialize_index(plain).tobytes()
+    np.testing.assert_allclose(np.concatenate(errors), reconstruction_error(plain, x), rtol=1e-6, atol=1e-9)
+
+
+def test_check_factory_refuses_a_factory_without_codec():
+    with pytest.raises(IndexConfigError, match="no standalone codec") as err:
+        check_factory("HNSW32", D, 10_000)
+    assert "IVF<nlist>,PQ<m>" in str(err.value)

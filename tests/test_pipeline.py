@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import TINY_RUN_CONFIG, build_tiny_run, make_tiny_model, write_toml
 
+from knnlm_core.keystore import open_keys
 from knnlm_core.model import forward_windows, load_model
 from knnlm_core.windows import plan_windows
 from precompute.__main__ import main as cli
@@ -49,7 +50,7 @@ def test_exact_distance_run_recomputes(runs_root):
 def test_flat_index_neighbours_equal_brute_force(tmp_path, tiny_model):
     run = build_tiny_run(tmp_path / "flat", tiny_model, index_factory="Flat", k=32, store_neighbors=32,
                          datastore_limit_tokens=3000, eval_limit_tokens=200)
-    keys = np.load(run / "keys.npy").astype(np.float32)
+    keys = np.asarray(open_keys(run)).astype(np.float32)
     queries = np.load(run / "queries.npy").astype(np.float32)
     d2 = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)  # (T, N) brute force
     con = duckdb.connect(str(run / "metrics.duckdb"), read_only=True)
@@ -84,12 +85,13 @@ def test_every_eval_token_scored_once_with_its_window(tiny_run, tiny_model):
 
 def test_rerun_after_deleting_stage_outputs_is_identical(fresh_run, tiny_model):
     before = tables(fresh_run)
-    for name in ("keys.npy", "search.npz", "metrics.duckdb"):
+    shutil.rmtree(fresh_run / "keys")
+    for name in ("search.npz", "metrics.duckdb"):
         (fresh_run / name).unlink()
     cfg = write_toml(fresh_run.parent / "tiny.toml", {"model": str(tiny_model), **TINY_RUN_CONFIG})
     assert cli(["--config", str(cfg), "--run-dir", str(fresh_run), "--run-name", "tiny"]) == 0
     stages = json.loads((fresh_run / "stages.json").read_text())
-    assert stages["datastore"]["seconds"] >= 0 and (fresh_run / "keys.npy").exists()
+    assert stages["datastore"]["seconds"] >= 0 and (fresh_run / "keys" / "shards.json").exists()
     after = tables(fresh_run)
     assert before.keys() == after.keys()
     for name in before:
@@ -168,12 +170,12 @@ def test_existing_run_with_other_config_is_refused(capsys, fresh_run, cfg_file):
 
 
 def test_truncated_keys_file(capsys, fresh_run, cfg_file):
-    keys = fresh_run / "keys.npy"
+    keys = fresh_run / "keys" / "shard_00001.npy"
     keys.write_bytes(keys.read_bytes()[: keys.stat().st_size // 2])
     (fresh_run / "search.npz").unlink()
     db = (fresh_run / "metrics.duckdb").read_bytes()
     run_cli_expect_error(capsys, ["--config", str(cfg_file()), "--run-dir", str(fresh_run)],
-                         "keys.npy in")
+                         "shard_00001.npy is truncated or corrupt")
     assert (fresh_run / "metrics.duckdb").read_bytes() == db
 
 
@@ -228,7 +230,7 @@ def test_app_modules_do_not_import_torch():
     import sys
 
     code = ("import sys, knnlm_core.store, knnlm_core.bins, knnlm_core.knn, knnlm_core.config, "
-            "knnlm_core.metrics, knnlm_core.index, knnlm_core.windows, knnlm_core.corpus\n"
+            "knnlm_core.metrics, knnlm_core.index, knnlm_core.windows, knnlm_core.corpus, knnlm_core.keystore\n"
             "import importlib.util\n"
             "for m in ('knnlm_core.queries', 'knnlm_core.whatif', 'ui'):\n"
             "    if importlib.util.find_spec(m): __import__(m)\n"
@@ -250,3 +252,95 @@ def test_manifest_holds_the_whole_config(tiny_run):
         assert manifest[field], field
     assert len(manifest["corpora"]["eval"]["sha256"]) == 64
     shutil.rmtree(tiny_run.parent / "__nothing__", ignore_errors=True)
+
+
+# ---------------------------------------------------------------- engine: identity, defaults, more bad input
+
+def test_model_retrained_in_place_invalidates_the_datastore(tmp_path):
+    model = make_tiny_model(tmp_path / "model", seed=0)
+    run = build_tiny_run(tmp_path / "run", model, datastore_limit_tokens=1500, eval_limit_tokens=150,
+                         index_factory="Flat", k=16, store_neighbors=8)
+    keys_before = np.asarray(open_keys(run)).copy()
+    key_before = json.loads((run / "stages.json").read_text())["datastore"]["key"]
+    make_tiny_model(tmp_path / "model", seed=1)  # "retrained": new weights, same path, same config
+    build_tiny_run(tmp_path / "run", model, datastore_limit_tokens=1500, eval_limit_tokens=150,
+                   index_factory="Flat", k=16, store_neighbors=8)
+    stages = json.loads((run / "stages.json").read_text())
+    assert stages["datastore"]["key"] != key_before
+    assert not np.array_equal(np.asarray(open_keys(run)), keys_before)
+    manifest = json.loads((run / "manifest.json").read_text())
+    from knnlm_core.model import source_fingerprint
+
+    assert manifest["model_fingerprint"] == source_fingerprint(str(model))
+
+
+@pytest.mark.parametrize("n_positions,max_context,stride,want", [
+    (2048, 0, 0, (1024, 512)), (128, 0, 0, (128, 64)), (1024, 256, 0, (256, 128)), (1024, 256, 100, (256, 100))])
+def test_window_defaults(n_positions, max_context, stride, want):
+    from knnlm_core.config import RunConfig
+    from precompute.pipeline import resolve_windows
+
+    assert resolve_windows(RunConfig(max_context=max_context, stride=stride), n_positions) == want
+
+
+def test_max_context_above_n_positions_is_refused(capsys, tmp_path, cfg_file):
+    run_cli_expect_error(capsys, ["--config", str(cfg_file(max_context=256)), "--run-dir", str(tmp_path / "r")],
+                         "max_context 256 exceeds the model's 128 positions")
+    assert not (tmp_path / "r").exists()
+
+
+def test_index_mode_contamination_is_recorded(tmp_path, tiny_model):
+    run = build_tiny_run(tmp_path / "ix", tiny_model, contamination_search="index", datastore_limit_tokens=3000,
+                         eval_limit_tokens=150)
+    con = duckdb.connect(str(run / "metrics.duckdb"), read_only=True)
+    mode, = con.execute("SELECT contamination_mode FROM run").fetchone()
+    n, = con.execute("SELECT count(*) FROM token_types WHERE freq > 0 AND contamination IS NOT NULL").fetchone()
+    assert mode == "index" and n > 100
+    assert json.loads((run / "manifest.json").read_text())["contamination_search"] == "index"
+
+
+def test_corpus_not_utf8(capsys, tmp_path, cfg_file):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    run_cli_expect_error(capsys, ["--config", str(cfg_file(eval_corpus=str(bad))), "--run-dir",
+                                  str(tmp_path / "r")], "is not UTF-8 text")
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_dir_is_a_file(capsys, tmp_path, cfg_file):
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    run_cli_expect_error(capsys, ["--config", str(cfg_file()), "--run-dir", str(target)],
+                         "is an existing file, not a directory")
+    assert target.read_text() == "keep me"
+
+
+def test_factory_without_codec_is_refused(capsys, tmp_path, cfg_file):
+    line = run_cli_expect_error(capsys, ["--config", str(cfg_file(index_factory="HNSW32")), "--run-dir",
+                                         str(tmp_path / "r")], "has no standalone codec")
+    assert "IVF<nlist>,PQ<m>" in line and not (tmp_path / "r").exists()
+
+
+def test_missing_local_model_directory(capsys, tmp_path, cfg_file):
+    run_cli_expect_error(capsys, ["--config", str(cfg_file(model=str(tmp_path / "no-such-model"))), "--run-dir",
+                                  str(tmp_path / "r")], "no such model directory")
+
+
+def test_cuda_requested_without_gpu(capsys, tmp_path, cfg_file):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    run_cli_expect_error(capsys, ["--config", str(cfg_file(device="cuda")), "--run-dir", str(tmp_path / "r")],
+                         "no CUDA GPU is visible")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_equals_cpu_run(tmp_path, tiny_model):
+    runs = {dev: build_tiny_run(tmp_path / dev, tiny_model, device=dev, datastore_limit_tokens=3000,
+                                eval_limit_tokens=300) for dev in ("cpu", "cuda")}
+    keys = {dev: np.asarray(open_keys(r)).astype(np.float32) for dev, r in runs.items()}
+    np.testing.assert_allclose(keys["cuda"], keys["cpu"], rtol=1e-2, atol=2e-3)
+    q = {dev: np.load(r / "queries.npy").astype(np.float32) for dev, r in runs.items()}
+    np.testing.assert_allclose(q["cuda"], q["cpu"], rtol=1e-2, atol=2e-3)
+    t = {dev: tables(r) for dev, r in runs.items()}
+    np.testing.assert_allclose(t["cuda"]["eval_tokens"]["p_lm"], t["cpu"]["eval_tokens"]["p_lm"], rtol=1e-3)
+    np.testing.assert_allclose(t["cuda"]["run"]["ppl_lm"], t["cpu"]["run"]["ppl_lm"], rtol=1e-4)

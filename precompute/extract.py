@@ -1,0 +1,197 @@
+"""Key extraction (SPEC §1) on CPU or GPU, with the LM's p(target) when asked.
+
+The key of a position is the input of the last block's feed-forward module, captured by a
+pre-hook. With keys only, the forward stops right there (the hook raises `_StopForward`):
+the last FFN, the final norm and the LM head are never computed. With p_LM, the head runs
+on the owned positions only, in chunks, so memory does not grow with batch × window × V.
+
+On CUDA the device-to-host copies overlap the next batch's forward: keys go as fp16 into
+pinned host buffers with non-blocking copies, and a writer thread waits on each copy's
+event and stores it into the (memmapped) output while the GPU runs on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from knnlm_core.model import LoadedModel, batch_windows, capture_keys
+from knnlm_core.windows import Window
+
+HEAD_CHUNK = 1024  # positions per LM-head chunk: logits of (1024, V) float32 at a time
+
+
+class _StopForward(Exception):
+    """Raised by the key hook to end a keys-only forward pass early."""
+
+
+@dataclass
+class LMOutputs:
+    """Per-position LM results of the owned positions, filled in place: p_lm (n,), top ids / p (n, top)."""
+
+    p_lm: np.ndarray
+    top_ids: np.ndarray
+    top_p: np.ndarray
+
+
+def shard_windows(windows: list[Window], shard_size: int) -> list[list[Window]]:
+    """Consecutive windows grouped into shards owning about `shard_size` positions each (>= 1 window)."""
+    groups: list[list[Window]] = [[]]
+    owned = 0
+    for w in windows:
+        if groups[-1] and owned + w.n_owned > shard_size:
+            groups.append([])
+            owned = 0
+        groups[-1].append(w)
+        owned += w.n_owned
+    return groups
+
+
+def owned_rows(group: list[Window]) -> tuple[int, int]:
+    """Global positions [lo, hi) owned by consecutive windows (contiguous by construction)."""
+    return group[0].first_pos, group[-1].end - 1
+
+
+class HostWriter:
+    """Copies device tensors into rows of a host array without blocking the device stream.
+
+    `submit(rows_lo, tensor)` enqueues a non-blocking copy into one of `slots` pinned buffers
+    and returns at once; a thread waits for that copy and writes the rows. On CPU tensors
+    the write happens inline.
+    """
+
+    def __init__(self, out: np.ndarray, device: torch.device, slots: int = 3):
+        self.out, self.cuda = out, device.type == "cuda"
+        self.error: BaseException | None = None
+        if self.cuda:
+            self.free: queue.Queue[int] = queue.Queue()
+            self.work: queue.Queue = queue.Queue()
+            self.buffers: list[torch.Tensor | None] = [None] * slots
+            for i in range(slots):
+                self.free.put(i)
+            self.thread = threading.Thread(target=self._drain, daemon=True)
+            self.thread.start()
+
+    def submit(self, row_lo: int, tensor: torch.Tensor) -> None:
+        if not self.cuda:
+            self.out[row_lo : row_lo + len(tensor)] = tensor.numpy()
+            return
+        if self.error is not None:
+            raise self.error
+        slot = self.free.get()
+        buf = self.buffers[slot]
+        if buf is None or buf.shape[0] < tensor.shape[0] or buf.dtype != tensor.dtype:
+            buf = self.buffers[slot] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        buf[: len(tensor)].copy_(tensor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.work.put((slot, row_lo, len(tensor), event))
+
+    def _drain(self) -> None:
+        while (item := self.work.get()) is not None:
+            slot, row_lo, n, event = item
+            try:
+                event.synchronize()
+                self.out[row_lo : row_lo + n] = self.buffers[slot][:n].numpy()
+            except BaseException as err:  # surfaced on the next submit / close
+                self.error = err
+            self.free.put(slot)
+
+    def close(self) -> None:
+        if self.cuda:
+            self.work.put(None)
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+
+
+def _gather_owned(hidden: torch.Tensor, batch: list[Window]) -> torch.Tensor:
+    """Rows of the owned positions of each window of the batch, in position order: (n_owned, d)."""
+    parts = [hidden[i, w.first_pos - w.begin : w.end - 1 - w.begin] for i, w in enumerate(batch)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def lm_head_logits(model: torch.nn.Module, final_hidden: torch.Tensor) -> torch.Tensor:
+    """float32 LM logits (n, V) of final hidden states (n, d), with the family's logit scaling / capping."""
+    logits = model.get_output_embeddings()(final_hidden).float()
+    cfg = model.config
+    if getattr(cfg, "logit_scale", None) and cfg.model_type.startswith("cohere"):
+        logits = logits * cfg.logit_scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.inference_mode()
+def extract(
+    lm: LoadedModel,
+    ids: np.ndarray,
+    windows: list[Window],
+    keys_out: np.ndarray,
+    batch_size: int,
+    lm_out: LMOutputs | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Keys of every position owned by `windows` into keys_out (rows from windows[0].first_pos).
+
+    With `lm_out`, also p_LM(target) and the LM's top predictions of those positions
+    (same row numbering). keys_out is (n_owned, d) float16; ids the corpus token stream.
+    """
+    model = lm.model
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+    stop_early = lm_out is None
+
+    def sink(hidden: torch.Tensor) -> None:
+        captured.append(hidden)
+        if stop_early:
+            raise _StopForward
+
+    row0 = windows[0].first_pos
+    writer = HostWriter(keys_out, device)
+    body = getattr(model, model.base_model_prefix)
+    handle = capture_keys(model, sink)
+    try:
+        for batch in batch_windows(windows, batch_size):
+            x = torch.from_numpy(np.stack([ids[w.begin : w.end] for w in batch]).astype(np.int64))  # (B, L)
+            x = x.to(device, non_blocking=True)
+            captured.clear()
+            try:
+                out = body(input_ids=x, use_cache=False)
+            except _StopForward:
+                out = None
+            lo = batch[0].first_pos - row0
+            hidden = captured[-1].reshape(x.shape[0], x.shape[1], -1)  # (B, L, d); OPT's fc1 sees (B * L, d)
+            writer.submit(lo, _gather_owned(hidden, batch).to(torch.float16))
+            if lm_out is not None:
+                _score(model, _gather_owned(out.last_hidden_state, batch), ids, batch, lm_out, lo)
+            if progress:
+                progress(sum(w.n_owned for w in batch))
+    finally:
+        handle.remove()
+        writer.close()
+
+
+def _score(model, final_hidden: torch.Tensor, ids: np.ndarray, batch: list[Window], lm_out: LMOutputs,
+           row_lo: int) -> None:
+    """p_LM(target) and top-k of owned positions, the LM head applied HEAD_CHUNK rows at a time."""
+    first, last = batch[0].first_pos, batch[-1].end - 1
+    targets = torch.from_numpy(ids[first + 1 : last + 1].astype(np.int64)).to(final_hidden.device)  # (n,)
+    top = lm_out.top_ids.shape[1]
+    for a in range(0, len(targets), HEAD_CHUNK):
+        b = min(a + HEAD_CHUNK, len(targets))
+        logits = lm_head_logits(model, final_hidden[a:b])  # (c, V) float32
+        # log softmax without materialising it: log p = logit - logsumexp (SPEC §1, float32)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
+        p = (logits.gather(1, targets[a:b, None]) - lse)[:, 0].double().exp()
+        values, indices = torch.topk(logits, top, dim=-1)
+        rows = slice(row_lo + a, row_lo + b)
+        lm_out.p_lm[rows] = p.cpu().numpy()
+        lm_out.top_ids[rows] = indices.cpu().numpy()
+        lm_out.top_p[rows] = (values - lse).exp().cpu().numpy()

@@ -1,0 +1,1 @@
+"""The precompute stages, one module each; `precompute.pipeline` wires them together."""
