@@ -99,8 +99,8 @@ def add_keys(index: faiss.Index, keys: np.ndarray, progress: Callable[[int], Non
 def encode_with_error(index: faiss.Index, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(codes (n, code_size) uint8, ||x - x̂||² (n,) float64) of float32 rows x, x̂ decoded from the same codes."""
     codes = index.sa_encode(block)
-    err = np.einsum("ij,ij->i", *(2 * [block.astype(np.float64) - index.sa_decode(codes)]))
-    return codes, err
+    diff = block - index.sa_decode(codes)  # (n, d) float32
+    return codes, np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
 
 
 def add_codes(index: faiss.Index, codes: np.ndarray, first_id: int) -> None:
