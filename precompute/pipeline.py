@@ -22,7 +22,7 @@ from knnlm_core import store
 from knnlm_core.config import RunConfig, resolve_path
 from knnlm_core.corpus import file_sha256, read_text, tokenize_file
 from knnlm_core.index import check_factory
-from precompute.runner import Run, RunError, digest, load_npy, model_source, run_stage, save_json
+from precompute.runner import Run, RunError, digest, load_npy, model_source, return_freed_memory, run_stage, save_json
 from precompute.stages.database import stage_database
 from precompute.stages.datastore import stage_datastore
 from precompute.stages.eval_lm import stage_eval_lm
@@ -141,6 +141,7 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     import torch
 
     run_dir = Path(run_dir)
+    return_freed_memory()
     torch.set_num_threads(cfg.threads)
     faiss.omp_set_num_threads(cfg.threads)
     # ---- validate: nothing is written before these checks pass
