@@ -141,18 +141,3 @@ def reconstruction_error(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(vectors, dtype=np.float32)  # (n, d)
     x_hat = index.sa_decode(index.sa_encode(x))
     return np.sum((x.astype(np.float64) - x_hat) ** 2, axis=1)
-
-
-def exact_sq_dists(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Exact squared L2 (Q, m) float32 between each query and its neighbours' stored keys; inf where id < 0."""
-    q = np.asarray(queries, dtype=np.float32)  # (Q, d)
-    out = np.empty(ids.shape, dtype=np.float32)
-    step = max(1, (1 << 24) // max(1, ids.shape[1] * q.shape[1]))  # ~64 MB of gathered keys at a time
-    for lo in range(0, len(q), step):
-        part = ids[lo : lo + step]
-        safe = np.where(part < 0, 0, part)
-        rows, inverse = np.unique(safe, return_inverse=True)  # sorted rows: a forward memmap read
-        nbr = np.asarray(keys[rows], dtype=np.float32)[inverse.reshape(part.shape)]  # (q, m, d)
-        out[lo : lo + step] = np.sum((nbr - q[lo : lo + step, None, :]) ** 2, axis=2)
-    out[ids < 0] = np.inf
-    return out

@@ -19,7 +19,6 @@ from knnlm_core.index import (
     blocks,
     check_factory,
     encode_with_error,
-    exact_sq_dists,
     ivf_nlist,
     reconstruction_error,
     sample_rows,
@@ -226,41 +225,6 @@ def test_reconstruction_error_flat_pq_matches_reconstruct(flatpq, keys):
 def test_reconstruction_error_zero_for_flat(keys):
     index = train_index(keys, "Flat", 0, seed=0)
     np.testing.assert_allclose(reconstruction_error(index, keys[:10]), 0.0, atol=1e-10)
-
-
-# ---------------------------------------------------------------- exact distances
-
-
-def test_exact_sq_dists_vs_brute_force(tmp_path, keys):
-    np.save(tmp_path / "keys.npy", keys.astype(np.float16))
-    mm = np.load(tmp_path / "keys.npy", mmap_mode="r")
-    rng = np.random.default_rng(1)
-    q = rng.normal(0, 3, size=(12, D)).astype(np.float32)
-    ids = rng.integers(0, len(keys), size=(12, 9))
-    ids[2, 5:] = -1
-    ids[7, :] = -1
-    ids[4, :] = 17  # duplicate neighbours
-    out = exact_sq_dists(q, mm, ids)
-    k64 = np.asarray(mm, dtype=np.float64)
-    assert out.dtype == np.float32 and out.shape == (12, 9)
-    for r in range(12):
-        for j in range(9):
-            if ids[r, j] < 0:
-                assert np.isinf(out[r, j])
-            else:
-                assert out[r, j] == pytest.approx(((q[r] - k64[ids[r, j]]) ** 2).sum(), rel=1e-5)
-
-
-def test_exact_sq_dists_many_queries_in_steps():
-    # 32768 neighbours x 512 dims: one query per gather step (step = 2**24 // (m * d) = 1)
-    rng = np.random.default_rng(2)
-    big = rng.normal(size=(40, 512)).astype(np.float32)
-    q = rng.normal(size=(3, 512)).astype(np.float32)
-    ids = rng.integers(-1, 40, size=(3, 32768))
-    out = exact_sq_dists(q, big, ids)
-    d = ((q.astype(np.float64)[:, None, :] - big[None, :, :]) ** 2).sum(axis=2)  # (3, 40)
-    expected = np.where(ids < 0, np.inf, np.take_along_axis(d, np.maximum(ids, 0), axis=1))
-    np.testing.assert_allclose(out, expected, rtol=1e-5)
 
 
 def test_train_index_skips_polysemous_training(keys):

@@ -16,6 +16,8 @@ from knnlm_core.keystore import ShardedKeys
 from knnlm_core.knn import softmax_weights, top_tokens_from_weights
 from precompute.stages.search import neighbour_sq_dists, search_batch, search_range, top_tokens
 
+D = 16
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -69,3 +71,36 @@ def test_search_range_overlapped_equals_one_batch(data):
     assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6, err_msg=name)
+
+
+def test_neighbour_sq_dists_vs_brute_force(tmp_path):
+    keys = np.random.default_rng(0).normal(size=(640, D)).astype(np.float32)
+    np.save(tmp_path / "keys.npy", keys.astype(np.float16))
+    mm = np.load(tmp_path / "keys.npy", mmap_mode="r")
+    rng = np.random.default_rng(1)
+    q = rng.normal(0, 3, size=(12, D)).astype(np.float32)
+    ids = rng.integers(0, len(keys), size=(12, 9))
+    ids[2, 5:] = -1
+    ids[7, :] = -1
+    ids[4, :] = 17  # duplicate neighbours
+    out = neighbour_sq_dists(q, mm, ids)
+    k64 = np.asarray(mm, dtype=np.float64)
+    assert out.dtype == np.float32 and out.shape == (12, 9)
+    for r in range(12):
+        for j in range(9):
+            if ids[r, j] < 0:
+                assert np.isinf(out[r, j])
+            else:
+                assert out[r, j] == pytest.approx(((q[r] - k64[ids[r, j]]) ** 2).sum(), rel=1e-5)
+
+
+def test_neighbour_sq_dists_many_queries_in_steps():
+    # 32768 neighbours x 512 dims, many chunks of queries
+    rng = np.random.default_rng(2)
+    big = rng.normal(size=(40, 512)).astype(np.float32)
+    q = rng.normal(size=(3, 512)).astype(np.float32)
+    ids = rng.integers(-1, 40, size=(3, 32768))
+    out = neighbour_sq_dists(q, big, ids)
+    d = ((q.astype(np.float64)[:, None, :] - big[None, :, :]) ** 2).sum(axis=2)  # (3, 40)
+    expected = np.where(ids < 0, np.inf, np.take_along_axis(d, np.maximum(ids, 0), axis=1))
+    np.testing.assert_allclose(out, expected, rtol=1e-5)

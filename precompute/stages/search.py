@@ -17,14 +17,12 @@ from tqdm import tqdm
 from knnlm_core.config import RunConfig
 from knnlm_core.index import reconstruction_error, search, set_nprobe
 from knnlm_core.knn import PAD, p_knn_from_weights, softmax_weights, target_stats
-from precompute.runner import Run, Shards, concat_shards, load_npy, read_index, save_npz, shard_ranges
+from precompute.runner import Run, RunError, Shards, concat_shards, load_npy, read_index, save_npz, shard_ranges
 
 KNN_TOP = 10  # kNN top predictions stored per position
 
 
 def open_index(run: Run, mmap: bool = False):
-    from precompute.runner import RunError
-
     index = read_index(run.path("index.faiss"), mmap)
     if index.d != run.info["dim"]:
         raise RunError(f"index.faiss in {run.run_dir} has dimension {index.d} but the model's keys have "
