@@ -16,6 +16,7 @@ PAGES = [
     st.Page("pages/bins.py", title="Frequency bins", icon=":material/bar_chart:", url_path="bins"),
     st.Page("pages/tokens.py", title="Token explorer", icon=":material/search:", url_path="tokens"),
     st.Page("pages/neighbors.py", title="Neighbour inspector", icon=":material/hub:", url_path="neighbors"),
+    st.Page("pages/exact.py", title="Exact vs PQ", icon=":material/compare:", url_path="exact"),
     st.Page("pages/whatif.py", title="What-if", icon=":material/tune:", url_path="whatif"),
     st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
 ]

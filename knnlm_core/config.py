@@ -36,6 +36,7 @@ class RunConfig:
     datastore_limit_tokens: int = 0  # 0 = whole file
     eval_corpus: str = "data/corpora/wikitext2-test.raw.gz"
     eval_limit_tokens: int = 0  # 0 = whole file
+    eval_domain: str = ""  # in-domain | out-of-domain (of the eval text vs the LM's and datastore's); "" = unstated
     # --- index (SPEC §2) ---
     index_factory: str = "IVF4096,PQ64"  # faiss index_factory string (8-bit PQ codes)
     train_size: int = 262144  # keys sampled to train the index (0 = all)
@@ -49,6 +50,11 @@ class RunConfig:
     store_neighbors: int = 64  # neighbours per evaluation position kept in DuckDB
     lm_top: int = 10  # LM top predictions kept per position
     contamination_search: str = "exact"  # exact | index (record which one was used)
+    # Path, relative to the run directory, of another run's metrics.duckdb built on the same
+    # datastore: this run then stores no datastore_tokens table of its own but reads that one's.
+    datastore_tokens_from: str = ""
+    exact_search: str = "auto"  # SPEC §8 exact search beside the index: on | off | auto (on up to exact_max_entries)
+    exact_max_entries: int = 5_000_000  # auto: largest datastore searched exactly (cost ~ n_eval x n_entries x d)
     # --- execution ---
     shard_size: int = 131072  # keys / positions / queries per shard: the unit of work and of resume
     seed: int = 0
@@ -62,6 +68,9 @@ class RunConfig:
             (self.shard_size >= 1, "shard_size must be >= 1"),
             (self.distance_source in ("pq", "exact"), "distance_source must be 'pq' or 'exact'"),
             (self.contamination_search in ("exact", "index"), "contamination_search must be 'exact' or 'index'"),
+            (self.exact_search in ("auto", "on", "off"), "exact_search must be 'auto', 'on' or 'off'"),
+            (self.eval_domain in ("", "in-domain", "out-of-domain"),
+             "eval_domain must be 'in-domain', 'out-of-domain' or '' (unstated)"),
             (self.k >= 1, "k must be >= 1"),
             (self.nprobe >= 1, "nprobe must be >= 1"),
             (self.temperature > 0, "temperature must be > 0"),
@@ -81,6 +90,10 @@ class RunConfig:
     def store_neighbors_effective(self) -> int:
         """Neighbours actually stored: never more than k."""
         return min(self.store_neighbors, self.k)
+
+    def exact_search_enabled(self, n_entries: int) -> bool:
+        """Whether the exact-search stage runs for a datastore of n_entries."""
+        return self.exact_search == "on" or (self.exact_search == "auto" and n_entries <= self.exact_max_entries)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with the TOML spelling ('lambda')."""

@@ -62,6 +62,29 @@ def tokenize_text(text: str, tokenizer, batch_lines: int = 2048) -> np.ndarray:
     return np.concatenate(chunks)
 
 
+def tokenize_with_offsets(text: str, tokenizer, batch_lines: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n,) int32, character spans (n, 2) int64 in `text`): `tokenize_text` with offsets.
+
+    Needs a fast tokenizer (offset mapping); raises CorpusError naming the fix otherwise.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise CorpusError("word-level metrics need a fast tokenizer (offset mapping); install `tokenizers` or "
+                          "use a model whose tokenizer has a fast version")
+    lines = text.splitlines(keepends=True)
+    line_start = np.cumsum([0] + [len(line) for line in lines])
+    ids, spans = [], []
+    for start in range(0, len(lines), batch_lines):
+        batch = lines[start : start + batch_lines]
+        encoded = tokenizer(batch, add_special_tokens=False, return_offsets_mapping=True)
+        for j, (line_ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)):
+            if line_ids:
+                ids.append(np.asarray(line_ids, dtype=np.int32))
+                spans.append(np.asarray(offsets, dtype=np.int64).reshape(-1, 2) + line_start[start + j])
+    if not ids:
+        return np.zeros(0, dtype=np.int32), np.zeros((0, 2), dtype=np.int64)
+    return np.concatenate(ids), np.concatenate(spans)
+
+
 def tokenize_file(path: Path, tokenizer, limit_tokens: int | None = None) -> np.ndarray:
     """Token ids of a corpus file, cut to the first `limit_tokens` if given."""
     ids = tokenize_text(read_text(path), tokenizer)
@@ -86,3 +109,17 @@ def load_tokenizer(name_or_path: str):
     if len(tokenizer) == 0:
         raise CorpusError(f"tokenizer at {name_or_path} is empty (the folder needs its vocab files)")
     return tokenizer
+
+
+def light_tokenizer(name_or_path: str):
+    """A `tokenizers.Tokenizer` for a local tokenizer directory without importing transformers
+    (the dashboard must not import torch): `tokenizer.json`, or GPT-2 style `vocab.json` +
+    `merges.txt`. None when neither is there (e.g. a hub name)."""
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
+
+    path = Path(name_or_path)
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    return None

@@ -112,3 +112,19 @@ def top_tokens_from_weights(weights: np.ndarray, nbr_values: np.ndarray, top: in
     ids[seg_r[sel], rank[sel]] = seg_v[sel]
     probs[seg_r[sel], rank[sel]] = seg_w[sel]
     return ids, probs
+
+
+def recall_at(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> np.ndarray:
+    """recall@k (Q,) float64 = |approx top-k ∩ exact top-k| / k (SPEC §8); ids < 0 never match.
+
+    Vectorised over rows: each id is offset by its row number times (max id + 2), so one
+    global sort and `searchsorted` test membership for all rows at once.
+    """
+    a, e = approx_ids[:, :k].astype(np.int64), exact_ids[:, :k].astype(np.int64)
+    q = len(a)
+    span = int(max(a.max(initial=0), e.max(initial=0))) + 2
+    offset = (np.arange(q, dtype=np.int64) * span)[:, None]
+    e_keys = np.sort(np.where(e >= 0, e + offset, -1 - offset), axis=None)  # -1 - offset: never equals a key
+    a_keys = np.where(a >= 0, a + offset, -2 - offset)
+    at = np.minimum(np.searchsorted(e_keys, a_keys), len(e_keys) - 1)
+    return (e_keys[at] == a_keys).sum(axis=1) / k

@@ -82,25 +82,36 @@ def exact_knn(
     queries: np.ndarray, keys: np.ndarray, k: int, progress: Callable[[int], None] | None = None
 ) -> np.ndarray:
     """Ids (Q, k) of the exact k nearest keys (squared L2) of each query, streaming key blocks."""
+    return exact_knn_with_dists(queries, keys, k, progress)[1]
+
+
+def exact_knn_with_dists(
+    queries: np.ndarray, keys: np.ndarray, k: int, progress: Callable[[int], None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(squared L2 distances (Q, k) float32 ascending, ids (Q, k) int64) of the exact k nearest keys.
+
+    Each key block (fp16 -> fp32) is searched by `faiss.knn` (IndexFlatL2's brute force
+    without copying the block into an index) and merged into a `faiss.ResultHeap`: keys are
+    streamed once per call and never held whole in float32.
+    The distances are faiss's (||q||² + ||k||² - 2 q·k); recompute them from the keys where
+    full precision matters.
+    """
     import faiss
 
     heap = faiss.ResultHeap(len(queries), k)
-    flat = faiss.IndexFlatL2(keys.shape[1])
     q = np.ascontiguousarray(queries, dtype=np.float32)
     for start, block in blocks(keys, 262144):
-        flat.add(block)
-        dists, ids = flat.search(q, min(k, len(block)))
+        dists, ids = faiss.knn(q, block, min(k, len(block)))
         ids = np.where(ids < 0, -1, ids + start)
         if dists.shape[1] < k:  # a final block smaller than k: pad so the heap sees (Q, k)
             pad = k - dists.shape[1]
             dists = np.pad(dists, ((0, 0), (0, pad)), constant_values=np.finfo(np.float32).max)
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         heap.add_result(dists, ids)
-        flat.reset()
         if progress:
             progress(len(block))
     heap.finalize()
-    return heap.I
+    return heap.D, heap.I
 
 
 @dataclass(frozen=True)

@@ -321,3 +321,143 @@ def neighbors(cur: duckdb.DuckDBPyConnection, pos: int, width: int = 12) -> pd.D
     FROM n LEFT JOIN vocab v USING (token_id) LEFT JOIN c USING (rank) ORDER BY n.rank
     """
     return _df(cur, sql, [int(pos), int(width)])
+
+
+# --------------------------------------------------------------------------- exact vs quantized search (SPEC §8)
+
+MIN_EFFECT_NATS = 1e-3  # |Δ mean NLL| below which a bin's "share explained" is not reported
+EXACT_SETTINGS = {  # column of p_kNN -> what it means
+    "p_knn_ivf_pq": "IVFPQ neighbours + PQ distances",
+    "p_knn_ivf_exact": "IVFPQ neighbours + exact distances",
+    "p_knn_exact": "exact neighbours + exact distances",
+}
+
+
+def has_exact(cur: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the run stored the exact-search comparison (its columns are not all NULL)."""
+    return bool(cur.execute("SELECT count(p_knn_exact) > 0 FROM eval_tokens").fetchone()[0])
+
+
+def exact_bin_summary(cur: duckdb.DuckDBPyConnection, run_k: int, lam: float) -> pd.DataFrame:
+    """Per bin (SPEC §8): PPL of LM and of kNN-LM under the three search settings at the run's λ,
+    mean recall@k, hit@k with the index's and with the exact neighbours, and the share of the
+    bin's kNN-LM effect (mean NLL change vs the LM) that approximate search explains.
+
+    `share_explained_by_quantization` = (Δ_ivfpq - Δ_exact) / Δ_ivfpq, Δ = mean NLL(kNN-LM) -
+    mean NLL(LM) (`delta_nll_*`); split into `..._distances` (PQ vs exact distances on the
+    index's neighbours) and `..._neighbours` (the index's vs the exact neighbours). NULL where
+    |Δ_ivfpq| < MIN_EFFECT_NATS: a share of an effect that small is noise.
+    """
+    ks = hit_ks_for(run_k)
+    recall = ", ".join(f"avg(recall_{k}) AS recall_{k}" for k in (16, 64, 1024) if k <= run_k)
+    hits = ", ".join(
+        f"avg(hit_{k}::DOUBLE) AS hit_{k}_index, avg(coalesce(exact_target_rank <= {k}, FALSE)::DOUBLE) AS hit_{k}_exact"
+        for k in ks
+    )
+    nll = {col: f"avg(-ln(? * {col} + (1 - ?) * p_lm))" for col in EXACT_SETTINGS}
+    sql = f"""
+    WITH agg AS (
+        SELECT freq_bin, count(*) AS n_tokens, avg(nll_lm) AS nll_lm,
+               {nll['p_knn_ivf_pq']} AS nll_ivf_pq, {nll['p_knn_ivf_exact']} AS nll_ivf_exact,
+               {nll['p_knn_exact']} AS nll_exact,
+               avg(p_knn_ivf_pq) AS mean_p_knn_ivf_pq, avg(p_knn_exact) AS mean_p_knn_exact, {recall}, {hits}
+        FROM eval_tokens WHERE p_knn_exact IS NOT NULL GROUP BY freq_bin)
+    SELECT freq_bin, n_tokens, exp(nll_lm) AS ppl_lm, exp(nll_ivf_pq) AS ppl_ivf_pq,
+           exp(nll_ivf_exact) AS ppl_ivf_exact, exp(nll_exact) AS ppl_exact,
+           nll_ivf_pq - nll_lm AS delta_nll_ivf_pq, nll_exact - nll_lm AS delta_nll_exact,
+           CASE WHEN abs(nll_ivf_pq - nll_lm) < {MIN_EFFECT_NATS} THEN NULL
+                ELSE (nll_ivf_pq - nll_exact) / (nll_ivf_pq - nll_lm) END AS share_explained_by_quantization,
+           CASE WHEN abs(nll_ivf_pq - nll_lm) < {MIN_EFFECT_NATS} THEN NULL
+                ELSE (nll_ivf_pq - nll_ivf_exact) / (nll_ivf_pq - nll_lm) END AS share_explained_by_distances,
+           CASE WHEN abs(nll_ivf_pq - nll_lm) < {MIN_EFFECT_NATS} THEN NULL
+                ELSE (nll_ivf_exact - nll_exact) / (nll_ivf_pq - nll_lm) END AS share_explained_by_neighbours,
+           agg.* EXCLUDE (freq_bin, n_tokens, nll_lm, nll_ivf_pq, nll_ivf_exact, nll_exact)
+    FROM agg ORDER BY freq_bin
+    """
+    lam_params = [float(lam), float(lam)] * len(EXACT_SETTINGS)
+    return add_bin_label(_df(cur, sql, lam_params))
+
+
+def exact_overall(cur: duckdb.DuckDBPyConnection, lam: float) -> dict:
+    """PPL of the LM and of kNN-LM under the three search settings over all positions."""
+    parts = ", ".join(f"exp(avg(-ln(? * {col} + (1 - ?) * p_lm))) AS {col.replace('p_knn_', 'ppl_')}"
+                      for col in EXACT_SETTINGS)
+    sql = f"SELECT count(*) AS n_tokens, exp(avg(nll_lm)) AS ppl_lm, {parts} FROM eval_tokens WHERE p_knn_exact IS NOT NULL"
+    return _df(cur, sql, [float(lam), float(lam)] * len(EXACT_SETTINGS)).iloc[0].to_dict()
+
+
+def exact_changes(cur: duckdb.DuckDBPyConnection, lam: float, freq_bin: int | None, limit: int = 200) -> pd.DataFrame:
+    """Positions where exact search changes the kNN-LM NLL most (largest |NLL IVFPQ - NLL exact|),
+    optionally in one bin: the entry points into the neighbour inspector."""
+    where = "p_knn_exact IS NOT NULL" + (" AND freq_bin = ?" if freq_bin is not None else "")
+    params = [float(lam), float(lam), float(lam), float(lam)] + ([int(freq_bin)] if freq_bin is not None else [])
+    sql = f"""
+    SELECT pos, token, freq, freq_bin, p_lm, p_knn_ivf_pq, p_knn_exact, recall_16,
+           -ln(? * p_knn_ivf_pq + (1 - ?) * p_lm) + ln(? * p_knn_exact + (1 - ?) * p_lm) AS nll_saved_by_exact,
+           target_rank, exact_target_rank
+    FROM eval_tokens WHERE {where}
+    ORDER BY abs(nll_saved_by_exact) DESC, pos LIMIT ?"""
+    return add_bin_label(_df(cur, sql, params + [int(limit)]))
+
+
+def exact_neighbors(cur: duckdb.DuckDBPyConnection, pos: int, width: int = 12) -> pd.DataFrame:
+    """Exact neighbours of `pos` (rank, entry, value token, exact distance, left context), and
+    whether the index also returned each among the stored ones (`in_index_top`)."""
+    sql = """
+    WITH n AS (SELECT x.rank, x.entry, d.token_id, x.distance FROM exact_neighbors x
+               JOIN datastore_tokens d ON d.pos = x.entry + 1 WHERE x.pos = ?),
+    o AS (SELECT n.rank, n.entry - r.off AS dpos FROM n JOIN range(0, ?) r(off) ON TRUE WHERE n.entry - r.off >= 0),
+    c AS (SELECT o.rank, string_agg(coalesce(v.token, '?'), '' ORDER BY o.dpos) AS context
+          FROM o JOIN datastore_tokens d ON d.pos = o.dpos
+          LEFT JOIN vocab v ON v.token_id = d.token_id GROUP BY o.rank)
+    SELECT n.rank, n.entry, n.token_id, v.token, n.distance AS distance_exact,
+           n.entry IN (SELECT entry FROM neighbors WHERE pos = ?) AS in_index_top, c.context
+    FROM n LEFT JOIN vocab v USING (token_id) LEFT JOIN c USING (rank) ORDER BY n.rank
+    """
+    return _df(cur, sql, [int(pos), int(width), int(pos)])
+
+
+# --------------------------------------------------------------------------- word level (SPEC §10)
+
+
+def has_words(cur: duckdb.DuckDBPyConnection) -> bool:
+    return bool(cur.execute("SELECT count(*) > 0 FROM eval_words").fetchone()[0])
+
+
+def word_bin_summary(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Per word-frequency bin: words, word PPL of LM and kNN-LM, mean gain, share harmed, tokens per word."""
+    sql = """SELECT freq_bin, count(*) AS n_words, count(DISTINCT word) AS n_word_types,
+                    exp(avg(nll_lm)) AS ppl_lm, exp(avg(nll_knnlm)) AS ppl_knnlm,
+                    avg(nll_lm - nll_knnlm) AS mean_gain, avg((nll_knnlm > nll_lm)::DOUBLE) AS share_harmed,
+                    avg(n_tokens) AS mean_tokens_per_word
+             FROM eval_words GROUP BY freq_bin ORDER BY freq_bin"""
+    return add_bin_label(_df(cur, sql))
+
+
+def word_overall(cur: duckdb.DuckDBPyConnection) -> dict:
+    sql = """SELECT count(*) AS n_words, exp(avg(nll_lm)) AS ppl_lm, exp(avg(nll_knnlm)) AS ppl_knnlm,
+                    avg((nll_knnlm > nll_lm)::DOUBLE) AS share_harmed FROM eval_words"""
+    return _df(cur, sql).iloc[0].to_dict()
+
+
+def find_words(cur: duckdb.DuckDBPyConnection, text: str, limit: int = 20) -> pd.DataFrame:
+    """Evaluation words equal to `text` (exact first, then ignoring case and surrounding punctuation),
+    one row per distinct word: datastore freq, bin, occurrences, word PPLs, first position, tokens."""
+    text = (text or "").strip()
+    if not text:
+        return add_bin_label(_df(cur, "SELECT NULL::VARCHAR AS word, NULL::SMALLINT AS freq_bin LIMIT 0"))
+    sql = """
+    SELECT word, any_value(freq) AS freq, any_value(freq_bin) AS freq_bin, count(*) AS occurrences,
+           exp(avg(nll_lm)) AS ppl_lm, exp(avg(nll_knnlm)) AS ppl_knnlm, min(first_pos) AS first_pos,
+           arg_min(n_tokens, first_pos) AS n_tokens
+    FROM eval_words
+    WHERE word = ? OR lower(regexp_replace(word, '^\\W+|\\W+$', '', 'g')) = lower(?)
+    GROUP BY word ORDER BY (word = ?) DESC, occurrences DESC, word LIMIT ?"""
+    return add_bin_label(_df(cur, sql, [text, text, text, int(limit)]))
+
+
+def word_tokens(cur: duckdb.DuckDBPyConnection, first_pos: int, n_tokens: int) -> pd.DataFrame:
+    """The tokens of one word occurrence (positions first_pos .. first_pos + n_tokens - 1)."""
+    sql = """SELECT pos, token_id, token, freq, freq_bin, p_lm, p_knn, gain FROM eval_tokens
+             WHERE pos BETWEEN ? AND ? ORDER BY pos"""
+    return add_bin_label(_df(cur, sql, [int(first_pos), int(first_pos) + int(n_tokens) - 1]))

@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "metrics.duckdb"
 HIT_KS = (1, 8, 16, 64, 256, 1024)
 
@@ -24,14 +24,17 @@ CREATE TABLE run (
     index_factory VARCHAR, nprobe INTEGER, k INTEGER, temperature DOUBLE, "lambda" DOUBLE,
     distance_source VARCHAR, ppl_lm DOUBLE, ppl_knnlm DOUBLE,
     schema_version INTEGER, store_neighbors INTEGER, hook_point VARCHAR, contamination_mode VARCHAR,
-    datastore_corpus VARCHAR, eval_corpus VARCHAR, created_at VARCHAR, config_json VARCHAR
+    datastore_corpus VARCHAR, eval_corpus VARCHAR, created_at VARCHAR, config_json VARCHAR,
+    eval_domain VARCHAR, exact_search BOOLEAN, datastore_sha256 VARCHAR, datastore_tokens_from VARCHAR
 );
 CREATE TABLE eval_tokens (
     pos INTEGER, token_id INTEGER, token VARCHAR, freq BIGINT, freq_bin SMALLINT,
     p_lm DOUBLE, p_knn DOUBLE, p_knnlm DOUBLE, nll_lm DOUBLE, nll_knnlm DOUBLE, gain DOUBLE,
     {", ".join(f"hit_{k} BOOLEAN" for k in HIT_KS)},
     target_rank INTEGER, n_target INTEGER, query_pq_error DOUBLE, context_freq BIGINT,
-    context_token_id INTEGER, knn_log_z DOUBLE
+    context_token_id INTEGER, knn_log_z DOUBLE,
+    recall_16 DOUBLE, recall_64 DOUBLE, recall_1024 DOUBLE,
+    p_knn_ivf_pq DOUBLE, p_knn_ivf_exact DOUBLE, p_knn_exact DOUBLE, exact_target_rank INTEGER
 );
 CREATE TABLE token_types (
     token_id INTEGER, token VARCHAR, freq BIGINT, freq_bin SMALLINT, cv DOUBLE, contamination DOUBLE,
@@ -39,6 +42,11 @@ CREATE TABLE token_types (
 );
 CREATE TABLE neighbors (
     pos INTEGER, rank SMALLINT, entry BIGINT, token_id INTEGER, distance_pq REAL, distance_exact REAL
+);
+CREATE TABLE exact_neighbors (pos INTEGER, rank SMALLINT, entry BIGINT, distance REAL);
+CREATE TABLE eval_words (
+    word_idx INTEGER, word VARCHAR, first_pos INTEGER, n_tokens SMALLINT, freq BIGINT, freq_bin SMALLINT,
+    nll_lm DOUBLE, nll_knnlm DOUBLE
 );
 CREATE TABLE datastore_tokens (pos BIGINT, token_id INTEGER);
 CREATE TABLE lm_top (pos INTEGER, rank SMALLINT, token_id INTEGER, p_lm REAL);
@@ -52,6 +60,8 @@ TABLE_ORDER = {
     "eval_tokens": "pos",
     "token_types": "token_id",
     "neighbors": "pos, rank",
+    "exact_neighbors": "pos, rank",
+    "eval_words": "word_idx",
     "datastore_tokens": "pos",
     "lm_top": "pos, rank",
     "knn_top": "pos, rank",
@@ -59,13 +69,20 @@ TABLE_ORDER = {
 }
 
 
+SHARED_DATASTORE = "shared_ds"  # catalog alias of the run whose datastore_tokens a run shares
+
+
 class RunSchemaError(RuntimeError):
     """The run's database is missing, unreadable or from another schema version."""
 
 
-def write_database(path: Path, tables: dict[str, pd.DataFrame]) -> Path:
-    """Write all tables to `path` atomically (temp file, CHECKPOINT, rename)."""
-    missing = set(TABLE_ORDER) - set(tables)
+def write_database(path: Path, tables: dict[str, pd.DataFrame], datastore_from: Path | None = None) -> Path:
+    """Write all tables to `path` atomically (temp file, CHECKPOINT, rename).
+
+    With `datastore_from` (another run's database with the same datastore), `datastore_tokens`
+    is not stored but a view on that run's table, which `open_readonly` attaches.
+    """
+    missing = set(TABLE_ORDER) - set(tables) - ({"datastore_tokens"} if datastore_from else set())
     if missing:
         raise ValueError(f"tables missing from the run: {sorted(missing)}")
     path = Path(path)
@@ -74,7 +91,14 @@ def write_database(path: Path, tables: dict[str, pd.DataFrame]) -> Path:
     con = duckdb.connect(str(tmp))
     try:
         con.execute(SCHEMA_SQL)
+        if datastore_from is not None:
+            con.execute("DROP TABLE datastore_tokens")
+            con.execute(f"ATTACH ? AS {SHARED_DATASTORE} (READ_ONLY)", [str(datastore_from)])
+            con.execute(f"CREATE VIEW datastore_tokens AS SELECT * FROM {SHARED_DATASTORE}.datastore_tokens")
+            con.execute(f"DETACH {SHARED_DATASTORE}")
         for name, order in TABLE_ORDER.items():
+            if datastore_from is not None and name == "datastore_tokens":
+                continue
             frame = tables[name]  # noqa: F841 (read by DuckDB's replacement scan)
             cols = ", ".join(f'"{c}"' for c in con.execute(f"SELECT * FROM {name} LIMIT 0").fetchdf().columns)
             order_sql = f" ORDER BY {order}" if order else ""
@@ -105,4 +129,17 @@ def open_readonly(path: Path) -> duckdb.DuckDBPyConnection:
             f"run at {path.parent} has schema version {found}, this app reads {SCHEMA_VERSION}: "
             "rebuild it with `python -m precompute --config ... --run-dir ... --overwrite`"
         )
+    try:
+        shared = con.execute("SELECT datastore_tokens_from FROM run").fetchone()[0]
+    except duckdb.Error as err:
+        con.close()
+        raise RunSchemaError(f"{path} lacks columns of schema version {SCHEMA_VERSION} ({str(err).splitlines()[0]}); "
+                             "rebuild it with `python -m precompute --config ... --run-dir ... --overwrite`") from err
+    if shared:
+        other = (path.parent / shared).resolve()
+        if not other.is_file():
+            con.close()
+            raise RunSchemaError(f"run at {path.parent} reads its datastore tokens from {shared}, which is missing: "
+                                 "restore that run or rebuild this one without datastore_tokens_from")
+        con.execute(f"ATTACH ? AS {SHARED_DATASTORE} (READ_ONLY)", [str(other)])
     return con

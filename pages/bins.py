@@ -1,5 +1,6 @@
 """Frequency bins: per-bin table and charts of SPEC §6 (PPL, p, harmed share, hit@k,
-non-target share, cv, contamination, PQ error) with filters, and the two correlations."""
+non-target share, cv, contamination, PQ error) with filters, and the two correlations; or,
+at word level (SPEC §10), word perplexity per word-frequency bin."""
 
 import streamlit as st
 
@@ -9,6 +10,32 @@ from ui import cache, figures, widgets
 run, info = widgets.current_run()
 k = info["k"]
 st.title("Frequency bins")
+level = st.segmented_control("Level", ["token", "word"], default="token", required=True, key="level",
+                               bind="query-params")
+if level == "word":
+    if not cache.q(run, "has_words"):
+        widgets.fail("This run has no word-level table: rebuild it with this version of `python -m precompute` "
+                     "(`--overwrite` reuses every finished stage).", info=True)
+    words = cache.q(run, "word_bin_summary")
+    tot = cache.q(run, "word_overall")
+    c = st.columns(4)
+    c[0].metric("words", f"{int(tot['n_words']):,}")
+    c[1].metric("word PPL LM", f"{tot['ppl_lm']:.2f}")
+    c[2].metric("word PPL kNN-LM", f"{tot['ppl_knnlm']:.2f}", delta=f"{tot['ppl_knnlm'] - tot['ppl_lm']:+.2f}",
+                delta_color="inverse")
+    c[3].metric("words harmed", f"{100 * tot['share_harmed']:.1f}%")
+    st.caption(
+        "SPEC §10: a word is a whitespace-delimited unit of the evaluation text; its NLL is the sum of its tokens' "
+        "NLLs and its frequency the number of exact occurrences in the whitespace-split datastore text. Bins are "
+        "those of the token level, over word frequency. Words whose tokens are not all scored (the first word) are left out."
+    )
+    st.dataframe(words, hide_index=True)
+    widgets.csv_button(words, f"{run}-word-bins")
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(figures.ppl_by_bin(words, "Word perplexity per word-frequency bin"))
+    c2.plotly_chart(figures.bin_bars(words, {"share_harmed": "NLL kNN-LM > NLL LM"}, "Share of words harmed",
+                                     "share", percent=True))
+    st.stop()
 
 with st.sidebar:
     lo, hi = widgets.bin_range(cache.q(run, "bin_list"))

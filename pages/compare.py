@@ -1,10 +1,11 @@
 """Compare runs: two runs side by side per frequency bin (PPL, gain, harmed share, hit rates,
-contamination, PQ error)."""
+contamination, PQ error), each run's setting (in- / out-of-domain) and, per bin, whether the
+long-tail crisis (kNN-LM harming rare bins) holds in each."""
 
 import pandas as pd
 import streamlit as st
 
-from ui import cache, figures, widgets
+from ui import cache, figures, findings, widgets
 from ui.params import list_runs
 
 run, info = widgets.current_run()
@@ -19,6 +20,15 @@ a, b = cache.q(run, "bin_summary", info["k"]), cache.q(run_b, "bin_summary", inf
 left, right = st.columns(2)
 widgets.run_card(info, left.container(border=True))
 widgets.run_card(info_b, right.container(border=True))
+
+st.subheader("Does the long-tail crisis hold in each setting?")
+for name, inf, df in ((run, info, a), (run_b, info_b, b)):
+    _, sentence = findings.crisis_holds(df)
+    st.markdown(f"- **{name}** ({inf.get('eval_domain') or 'setting not stated'}): the crisis {sentence}.")
+crisis = pd.merge(findings.crisis_by_bin(a), findings.crisis_by_bin(b), on=["freq_bin", "bin"], how="outer",
+                  suffixes=(f" [{run}]", f" [{run_b}]"))
+st.dataframe(crisis, hide_index=True)
+st.caption("Rare bins: 1 ≤ freq < 1,000 in the datastore. `delta_ppl` = PPL kNN-LM − PPL LM of the bin's tokens.")
 
 names = (run, run_b)
 c1, c2 = st.columns(2)

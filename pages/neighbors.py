@@ -61,3 +61,24 @@ st.dataframe(
     },
 )
 widgets.csv_button(nb, f"{run}-pos-{pos}-neighbours")
+
+if cache.q(run, "has_exact"):
+    ex = cache.q(run, "exact_neighbors", pos, 12).copy()
+    ex.insert(4, "hit", ex["token_id"] == row["token_id"])
+    x_rank = row["exact_target_rank"]
+    st.subheader(f"Exact neighbours ({len(ex)} of k = {info['k']})")
+    st.caption(
+        f"Brute-force search over all stored keys (SPEC §8). recall@16 of the index here: "
+        f"{fmt_p(row['recall_16'])}; target rank among the exact neighbours: "
+        f"{'none' if x_rank is None or x_rank != x_rank else int(x_rank)}. p_kNN with the exact neighbours: "
+        f"{fmt_p(row['p_knn_exact'])} (index: {fmt_p(row['p_knn_ivf_pq'])} with PQ distances, "
+        f"{fmt_p(row['p_knn_ivf_exact'])} with exact distances). `in_index_top`: the index also returned this "
+        f"entry among its first {len(nb)}."
+    )
+    left, right = st.columns(2)
+    left.markdown("**Index (IVFPQ)**")
+    left.dataframe(nb[["rank", "entry", "token", "hit", "distance_exact", "context"]], hide_index=True)
+    right.markdown("**Exact**")
+    right.dataframe(ex[["rank", "entry", "token", "hit", "distance_exact", "in_index_top", "context"]],
+                    hide_index=True)
+    widgets.csv_button(ex, f"{run}-pos-{pos}-exact-neighbours")

@@ -15,6 +15,11 @@ st.caption(
 
 with st.container(border=True):
     widgets.run_card(info, st)
+    st.markdown(
+        f"**Setting:** {widgets.setting(info)}. Datastore `{info.get('datastore_corpus')}`, evaluation "
+        f"`{info.get('eval_corpus')}`. The paper leaves open whether the long-tail crisis holds in- and out-of-domain: "
+        "the Compare page sets two runs side by side per bin."
+    )
 
 k = info["k"]
 bins = cache.q(run, "bin_summary", k)
@@ -30,8 +35,10 @@ c4.metric("tokens harmed (gain < 0)", f"{100 * tot['share_harmed']:.1f}%")
 st.plotly_chart(figures.ppl_by_bin(bins, "Perplexity per target-frequency bin: LM vs kNN-LM"))
 
 st.subheader("The paper's findings on this run")
+exact = cache.q(run, "exact_bin_summary", k, float(info["lambda"])) if cache.q(run, "has_exact") else None
 checks = findings.evaluate(
-    bins, k, cache.q(run, "corr_pq_error_gain"), cache.q(run, "corr_context_freq"), cache.q(run, "corr_freq_pq_error")
+    bins, k, cache.q(run, "corr_pq_error_gain"), cache.q(run, "corr_context_freq"), cache.q(run, "corr_freq_pq_error"),
+    exact,
 )
 table = findings.to_frame(checks)
 n_ok = sum(f.ok is True for f in checks)

@@ -1,5 +1,7 @@
 """Token explorer: find a token type by text or id, compare its cv / contamination / PQ error
-with its frequency bin, list its evaluation occurrences and open one in the neighbour inspector."""
+with its frequency bin, list its evaluation occurrences and open one in the neighbour inspector.
+A word of the evaluation text (SPEC §10) shows its word-level row and the tokens it splits
+into; any other text is tokenized with the run's tokenizer. Each token opens its type."""
 
 import streamlit as st
 
@@ -10,13 +12,48 @@ from ui.render import show_token
 
 run, info = widgets.current_run()
 st.title("Token explorer")
-query = st.text_input("Token text or id", key="token", bind="query-params", placeholder="e.g.  the  or  262")
+query = st.text_input(
+    "Token, word or text", key="token", bind="query-params", placeholder="e.g.  the  or  262  or  Boulter"
+)
 if not query.strip():
-    widgets.fail("Type a token (text, matched case-insensitively as a substring) or a token id.", info=True)
+    widgets.fail("Type a token (text, matched case-insensitively as a substring), a token id, a word of the "
+                 "evaluation text or any text.", info=True)
+
+
+def token_links(tokens, label: str) -> None:
+    """One button per token that opens its type on this page."""
+    st.markdown(label)
+    cols = st.columns(min(len(tokens), 8) or 1)
+    for i, (tid, text) in enumerate(tokens):
+        cols[i % len(cols)].page_link(
+            "pages/tokens.py", label=f"{show_token(text)} · {tid}", query_params={"run": run, "token": str(tid)}
+        )
+
+
+words = cache.q(run, "find_words", query, 20) if cache.q(run, "has_words") else None
+if words is not None and not words.empty:
+    st.subheader("As a word of the evaluation text")
+    st.dataframe(words, hide_index=True)
+    first = words.iloc[0]
+    parts = cache.q(run, "word_tokens", int(first["first_pos"]), int(first["n_tokens"]))
+    token_links(list(zip(parts["token_id"], parts["token"], strict=True)),
+                f"`{first['word']}` splits into {len(parts)} token(s) (first occurrence, position "
+                f"{int(first['first_pos'])}); open one:")
+    st.dataframe(parts, hide_index=True)
 
 matches = cache.q(run, "find_types", query, 50)
 if matches.empty:
-    widgets.fail(f"No token type matches `{query}` in this run.", info=True)
+    if words is not None and not words.empty:
+        st.stop()
+    tok = cache.tokenizer(info)
+    if tok is None:
+        widgets.fail(f"No token type or evaluation word matches `{query}` in this run.", info=True)
+    enc = tok.encode(query)
+    token_links([(int(t), tok.decode([int(t)])) for t in enc.ids],
+                f"`{query}` is not a token type or a word of the evaluation text; the run's tokenizer splits it into "
+                f"{len(enc.ids)} token(s):")
+    st.stop()
+st.subheader("As a token type")
 choice = st.selectbox(
     f"{len(matches)} matching type(s)",
     matches.index,

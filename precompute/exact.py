@@ -2,8 +2,8 @@
 
 On a GPU: chunked matmul (||q||² - 2 q·k + ||k||² in float32) with a running top-k merge;
 on the CPU: faiss's exact search per block merged in a `ResultHeap`. Both return the ids
-(Q, k) of the k nearest keys (squared L2) of each query. Used by contamination (SPEC §5)
-and, later, the exact-search stage (SPEC §8).
+(Q, k) of the k nearest keys (squared L2) of each query; `exact_knn_with_dists` also returns
+their distances. Used by contamination (SPEC §5) and the exact-search stage (SPEC §8).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from knnlm_core.metrics import exact_knn as exact_knn_faiss
+from knnlm_core.metrics import exact_knn_with_dists as exact_knn_faiss_with_dists
 
 GPU_KEY_BLOCK = 1 << 18  # keys per block moved to the GPU: (4096 x 262144) float32 distances = 4.3 GB
 
@@ -22,9 +23,18 @@ def exact_knn(queries: np.ndarray, keys, k: int, device: str = "cpu") -> np.ndar
     return exact_knn_faiss(queries, keys, k)
 
 
+def exact_knn_with_dists(queries: np.ndarray, keys, k: int, device: str = "cpu",
+                         progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """(squared L2 distances (Q, k) float32 ascending, ids (Q, k)) of the exact k nearest keys."""
+    if device == "cuda":
+        return exact_knn_torch(queries, keys, k, "cuda", with_dists=True)
+    return exact_knn_faiss_with_dists(queries, keys, k, progress)
+
+
 def exact_knn_torch(queries: np.ndarray, keys, k: int, device: str, block: int = GPU_KEY_BLOCK,
-                    query_block: int = 4096) -> np.ndarray:
-    """Exact top-k ids with torch on `device` (the GPU path; also runs on the CPU for tests)."""
+                    query_block: int = 4096, with_dists: bool = False):
+    """Exact top-k ids (and distances when `with_dists`) with torch on `device` (the GPU path;
+    also runs on the CPU for tests)."""
     import torch
 
     q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(device)  # (Q, d)
@@ -42,4 +52,6 @@ def exact_knn_torch(queries: np.ndarray, keys, k: int, device: str, block: int =
             cat_i = torch.cat([best_i[a : a + len(q)], top_i + start], 1)
             sel_d, sel = torch.topk(cat_d, k, dim=1, largest=False)
             best_d[a : a + len(q)], best_i[a : a + len(q)] = sel_d, torch.gather(cat_i, 1, sel)
+    if with_dists:
+        return best_d.clamp(min=0).cpu().numpy(), best_i.cpu().numpy()
     return best_i.cpu().numpy()

@@ -26,10 +26,12 @@ from precompute.runner import Run, RunError, digest, load_npy, model_source, ret
 from precompute.stages.database import stage_database
 from precompute.stages.datastore import stage_datastore
 from precompute.stages.eval_lm import stage_eval_lm
+from precompute.stages.exact import stage_exact
 from precompute.stages.index import stage_index
 from precompute.stages.search import stage_search
 from precompute.stages.tokenize import stage_tokenize
 from precompute.stages.types import stage_types
+from precompute.stages.words import stage_words
 
 __all__ = ["RunError", "build_run", "resolve_windows"]
 
@@ -205,7 +207,13 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     k_ty = run_stage(run, "types", {"up": [k_ds, k_ix], "mode": cfg.contamination_search, "shard": cfg.shard_size,
                                     "nprobe": cfg.nprobe if cfg.contamination_search == "index" else None},
                      ["types.npz"], lambda key: stage_types(run, key))
-    run_stage(run, "database", {"up": [k_se, k_ty], "lambda": cfg.lam, "name": run.run_name,
+    run.info["exact_search"] = cfg.exact_search_enabled(run.info["n_entries"])
+    k_ex = run_stage(run, "exact", {"up": [k_ix, k_ev], "k": cfg.k, "nprobe": cfg.nprobe, "tau": cfg.temperature,
+                                    "store": cfg.store_neighbors_effective, "batch": cfg.search_batch,
+                                    "shard": cfg.shard_size}, ["exact.npz"],
+                     lambda key: stage_exact(run, key)) if run.info["exact_search"] else None
+    k_wo = run_stage(run, "words", {"up": [k_dtok, k_etok]}, ["words.npz"], lambda key: stage_words(run, key))
+    run_stage(run, "database", {"up": [k_se, k_ty, k_ex, k_wo], "lambda": cfg.lam, "name": run.run_name,
                                 "schema": store.SCHEMA_VERSION, "config": cfg.to_dict()},
               [store.DB_NAME], lambda key: stage_database(run, key))
     # ---- persist

@@ -9,7 +9,9 @@ listed by `keys/shards.json`. p_LM needs the model and is taken as stored; every
 derived from it (p_kNNLM, NLL, gain, PPL) is recomputed. Exits 1 when a check fails.
 
 Retrieval columns are re-searched on a sample of positions and checked for internal
-consistency on all of them. Type metrics are recomputed on the types with the smallest
+consistency on all of them. The exact-search columns (SPEC §8) are checked on a smaller
+sample against a float64 brute force over every key; the word table (SPEC §10) against
+the token table on every word. Type metrics are recomputed on the types with the smallest
 freq (where an off-by-one in m_v = min(freq, 1024) matters most) plus a random sample;
 contamination by brute force when the run says `contamination_mode = 'exact'`, by the
 index when it says 'index'.
@@ -22,11 +24,11 @@ import json
 import sys
 from pathlib import Path
 
-import duckdb
 import faiss
 import numpy as np
 import pandas as pd
 
+from knnlm_core import store
 from knnlm_core.keystore import KeyStoreError, open_keys
 
 HIT_KS = (1, 8, 16, 64, 256, 1024)
@@ -199,13 +201,24 @@ def search_reference(index, keys, values: np.ndarray, q: np.ndarray, y: np.ndarr
             "n_target": np.array(n_target)}
 
 
+def rank_check(stored: np.ndarray, want: np.ndarray, dist: np.ndarray) -> Check:
+    """target_rank vs the re-searched rank; a difference is a (near-)tie when the re-searched distances
+    at both ranks agree to 1e-5 relative: faiss's float32 PQ distances differ in their last bits
+    between batch sizes (measured: 63.818417 vs 63.81847), which can swap two nearly equal neighbours."""
+    diff = np.flatnonzero(stored != want)
+    tie = np.array([s >= 1 and w >= 1 and np.isclose(dist[i, s - 1], dist[i, w - 1], rtol=1e-5, atol=1e-5)
+                    for i, s, w in zip(diff, stored[diff], want[diff])], dtype=bool)
+    return ("target_rank (re-searched)", bool(tie.all()),
+            f"{len(diff)} differ over {len(want)}, {int(tie.sum())} of them at tied distances")
+
+
 def check_retrieval(sub: pd.DataFrame, ref: dict, q: np.ndarray, index, k: int) -> list[Check]:
     """Sampled positions' retrieval columns against a fresh search."""
     checks = [_close("p_knn (re-searched)", sub["p_knn"], ref["p_knn"], 1e-6, 1e-4)]
     if "knn_log_z" in sub.columns:
         # float32 PQ distances differ in their last bits between faiss batch sizes: ~1e-4 in log Z.
         checks.append(_close("knn_log_z (re-searched)", sub["knn_log_z"], ref["log_z"], 1e-4, 1e-5))
-    checks.append(_equal("target_rank (re-searched)", _stored_rank(sub["target_rank"]), ref["rank"]))
+    checks.append(rank_check(_stored_rank(sub["target_rank"]), ref["rank"], ref["dist"]))
     checks.append(_equal("n_target (re-searched)", sub["n_target"].to_numpy(), ref["n_target"]))
     for hk in HIT_KS:
         col = sub[f"hit_{hk}"]
@@ -243,6 +256,81 @@ def check_neighbors(nb: pd.DataFrame, ref: dict, pos: np.ndarray, q: np.ndarray,
     qpos = np.searchsorted(pos, nb["pos"].to_numpy())
     exact = np.sum((np.asarray(keys[got_entries], dtype=np.float32) - q[qpos]) ** 2, axis=1)
     checks.append(_close("neighbors.distance_exact", nb["distance_exact"], exact, 1e-3, 1e-4))
+    return checks
+
+
+def brute_force_knn(keys, q: np.ndarray, k: int, block: int = 131072) -> tuple[np.ndarray, np.ndarray]:
+    """(squared distances (S, k) float64 ascending, ids (S, k)) by a float64 numpy scan over key blocks."""
+    q64 = q.astype(np.float64)
+    best_d = np.full((len(q), 0), np.inf)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for start in range(0, len(keys), block):
+        kb = np.asarray(keys[start : start + block], dtype=np.float64)
+        d2 = (q64 * q64).sum(1)[:, None] - 2 * q64 @ kb.T + (kb * kb).sum(1)[None, :]
+        cat_d = np.concatenate([best_d, d2], axis=1)
+        cat_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(kb)), d2.shape)], axis=1)
+        kk = min(k, cat_d.shape[1])
+        top = np.argpartition(cat_d, kk - 1, axis=1)[:, :kk]
+        top = np.take_along_axis(top, np.argsort(np.take_along_axis(cat_d, top, 1), axis=1, kind="stable"), 1)
+        best_d, best_i = np.take_along_axis(cat_d, top, 1), np.take_along_axis(cat_i, top, 1)
+    return best_d, best_i
+
+
+def check_exact(ev: pd.DataFrame, xn: pd.DataFrame, pos: np.ndarray, q: np.ndarray, keys, values: np.ndarray,
+                ivf_ids: np.ndarray, run: pd.Series) -> list[Check]:
+    """SPEC §8 columns of the sampled positions against a float64 brute force and the re-searched index."""
+    k, tau, s = int(run["k"]), float(run["temperature"]), int(run["store_neighbors"])
+    d2, ids = brute_force_knn(keys, q, k)
+    sub = ev.iloc[pos]
+    y = sub["token_id"].to_numpy()
+    nbr = values[ids]
+    w = np.exp(-(d2 - d2[:, :1]) / tau)
+    p = (w * (nbr == y[:, None])).sum(1) / w.sum(1)
+    checks = [_close("p_knn_exact (brute force)", sub["p_knn_exact"], p, 1e-6, 1e-3)]
+    hit = nbr == y[:, None]
+    rank = np.where(hit.any(1), hit.argmax(1) + 1, -1)
+    stored = _stored_rank(sub["exact_target_rank"])
+    # a near-tie between fp32 and fp64 distances may swap two entries: allow 1% of positions
+    agree = float((stored == rank).mean())
+    checks.append(("exact_target_rank (brute force)", agree >= 0.99, f"{agree:.2%} agree over {len(rank)}"))
+    for kk in (16, 64, 1024):
+        col = sub[f"recall_{kk}"]
+        if kk > k:
+            checks.append(_equal(f"recall_{kk} is NULL (k={k})", col.isna().to_numpy(), np.ones(len(sub), bool)))
+            continue
+        want = np.array([len(set(a[:kk]) & set(b[:kk])) / kk for a, b in zip(ivf_ids, ids)])
+        err = np.abs(col.to_numpy(dtype=np.float64) - want)
+        checks.append((f"recall_{kk} (brute force vs re-searched index)", bool((err <= 1 / kk + 1e-9).all()
+                       and abs(err.mean()) < 0.01), f"max |diff| {err.max():.3g} over {len(err)}"))
+    got = xn.sort_values(["pos", "rank"])
+    want_d = np.concatenate([row[: min(s, k)] for row in d2])
+    if len(got) == len(want_d):
+        qpos = np.searchsorted(pos, got["pos"].to_numpy())
+        true_d = np.sum((np.asarray(keys[got["entry"].to_numpy()], np.float64) - q[qpos]) ** 2, axis=1)
+        checks.append(_close("exact_neighbors are the s nearest (brute force)", true_d, want_d, 1e-3, 1e-4))
+        checks.append(_close("exact_neighbors.distance", got["distance"], true_d, 1e-3, 1e-4))
+    else:
+        checks.append(_equal("exact_neighbors rows per position", [len(got)], [len(want_d)]))
+    return checks
+
+
+def check_exact_consistency(ev: pd.DataFrame, run: pd.Series) -> list[Check]:
+    """All positions: the IVFPQ setting of the run's distance source is the run's own p_kNN, bit for bit."""
+    col = "p_knn_ivf_pq" if run["distance_source"] == "pq" else "p_knn_ivf_exact"
+    return [_equal(f"{col} = p_knn (all positions)", ev[col].to_numpy(), ev["p_knn"].to_numpy())]
+
+
+def check_words(words: pd.DataFrame, ev: pd.DataFrame) -> list[Check]:
+    """eval_words: NLL = sum of its tokens' NLLs, bins from freq, words disjoint and in order."""
+    if words.empty:
+        return [("eval_words present", False, "no word rows")]
+    csum = {c: np.r_[0.0, np.cumsum(ev[c].to_numpy(np.float64))] for c in ("nll_lm", "nll_knnlm")}
+    a, b = words["first_pos"].to_numpy(), words["first_pos"].to_numpy() + words["n_tokens"].to_numpy()
+    checks = [_close(f"eval_words.{c} = sum of token {c}", words[c], csum[c][b] - csum[c][a], 1e-6, 1e-9)
+              for c in ("nll_lm", "nll_knnlm")]
+    checks.append(_equal("eval_words.freq_bin", words["freq_bin"].to_numpy(), _digit_bin(words["freq"].to_numpy())))
+    checks.append(("eval_words disjoint, in text order", bool((a[1:] >= b[:-1]).all() and (b <= len(ev)).all()),
+                   f"{len(words)} words"))
     return checks
 
 
@@ -309,11 +397,12 @@ def check_types(tt: pd.DataFrame, keys, values: np.ndarray, freq: np.ndarray, ev
 
 # ---------------------------------------------------------------- orchestration
 
-def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: int = 0) -> list[Check]:
+def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: int = 0,
+               exact_sample: int = 200) -> list[Check]:
     """List of (check, passed, detail) for the run at run_dir; KeyStoreError if its keys are unreadable."""
     # ---- load (keys in either layout, through the one reader)
     run_dir = Path(run_dir)
-    con = duckdb.connect(str(run_dir / "metrics.duckdb"), read_only=True)
+    con = store.open_readonly(run_dir / "metrics.duckdb")  # attaches a shared datastore_tokens table
     try:
         run = con.execute("SELECT * FROM run").fetchdf().iloc[0]
         ev = con.execute("SELECT * FROM eval_tokens ORDER BY pos").fetchdf()
@@ -355,6 +444,15 @@ def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: 
         nb = con.execute("SELECT * FROM neighbors WHERE pos = ANY(?) ORDER BY pos, rank", [pos.tolist()]).fetchdf()
         checks += check_neighbors(nb, ref, pos, q, keys, values, s)
 
+        # ---- exact search (SPEC §8) on a smaller sample: a float64 brute force over every key
+        if bool(run.get("exact_search")):
+            checks += check_exact_consistency(ev, run)
+            few = np.arange(min(exact_sample, len(pos)))
+            xn = con.execute("SELECT * FROM exact_neighbors WHERE pos = ANY(?)", [pos[few].tolist()]).fetchdf()
+            checks += check_exact(ev, xn, pos[few], q[few], keys, values, ref["ids"][few], run)
+        # ---- word level (SPEC §10)
+        checks += check_words(con.execute("SELECT * FROM eval_words ORDER BY word_idx").fetchdf(), ev)
+
         # ---- token_types
         eval_count = np.bincount(ev_ids[1:], minlength=len(freq))
         checks += check_types(tt, keys, values, freq, eval_count, index, run, type_sample, rng)
@@ -368,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--sample", type=int, default=2000, help="evaluation positions re-searched")
     parser.add_argument("--type-sample", type=int, default=300, help="token types recomputed")
+    parser.add_argument("--exact-sample", type=int, default=200, help="positions checked by brute-force exact search")
     args = parser.parse_args(argv)
     if not (args.run_dir / "metrics.duckdb").exists():
         print(f"error: no metrics.duckdb in {args.run_dir} (build the run first)", file=sys.stderr)
@@ -381,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
               f"--run-dir {args.run_dir}`", file=sys.stderr)
         return 2
     try:
-        checks = verify_run(args.run_dir, args.sample, args.type_sample)
-    except KeyStoreError as err:
+        checks = verify_run(args.run_dir, args.sample, args.type_sample, exact_sample=args.exact_sample)
+    except (KeyStoreError, store.RunSchemaError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, ok, detail in checks:

@@ -5,6 +5,7 @@ explorer to the neighbour inspector, and downloads a CSV."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ UI_TIMEOUT_MS = 120_000
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "data" / "runs"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -34,6 +36,7 @@ PAGES = {
     "bins": "Frequency bins",
     "tokens": "Token explorer",
     "neighbors": "Neighbour inspector",
+    "exact": "Exact vs PQ search",
     "whatif": "What-if re-scoring",
     "compare": "Compare runs",
 }
@@ -45,14 +48,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(runs_root):
-    """A running dashboard on a free port; yields its base URL."""
+def _serve(runs_dir: Path):
+    """Start `streamlit run app.py` on `runs_dir`; yields its base URL, stops it afterwards."""
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium not installed (apt-get install chromium chromium-driver)")
     pytest.importorskip("playwright.sync_api", reason="python package playwright not installed")
     port = _free_port()
-    env = {**os.environ, "KNNLM_RUNS_DIR": str(runs_root)}
+    env = {**os.environ, "KNNLM_RUNS_DIR": str(runs_dir)}
     cmd = [
         sys.executable,
         "-m",
@@ -83,6 +85,20 @@ def server(runs_root):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(runs_root):
+    """A running dashboard on the test runs."""
+    yield from _serve(runs_root)
+
+
+@pytest.fixture(scope="module")
+def shipped_server():
+    """A running dashboard on the shipped runs (data/runs: the in-domain demo and its out-of-domain twin)."""
+    if not (SHIPPED / "demo" / "metrics.duckdb").exists() or not (SHIPPED / "demo-shakespeare").exists():
+        pytest.skip("shipped runs not present")
+    yield from _serve(SHIPPED)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +143,18 @@ def test_bad_position_shows_error(page, server):
     page.goto(f"{server}/neighbors?run=tiny&pos=99999999")
     page.get_by_text("out of range").first.wait_for(timeout=UI_TIMEOUT_MS)
     assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def test_exact_page_and_compare_on_the_shipped_runs(page, shipped_server):
+    _open(page, f"{shipped_server}/exact?run=demo", "Exact vs PQ search")
+    page.get_by_text("IVFPQ + exact distances").first.wait_for(timeout=UI_TIMEOUT_MS)
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+    _open(page, f"{shipped_server}/compare?run=demo", "Compare runs")
+    page.get_by_text("Does the long-tail crisis hold in each setting?").first.wait_for(timeout=UI_TIMEOUT_MS)
+    body = page.locator("body").inner_text()
+    assert "in-domain" in body and "out-of-domain" in body and "demo-shakespeare" in body
+    _open(page, f"{shipped_server}/tokens?run=demo&token=Boulter", "Token explorer")
+    page.get_by_text("As a word of the evaluation text").first.wait_for(timeout=UI_TIMEOUT_MS)
+    page.get_by_role("link", name=re.compile("oul")).first.click()  # a token of the word opens its type
+    page.get_by_text("As a token type").first.wait_for(timeout=UI_TIMEOUT_MS)
+    assert "token=" in page.url

@@ -88,10 +88,60 @@ def test_findings_agree_with_paper_shaped_run():
     out = findings.evaluate(_bins_frame(), 64, corr, {"r": -0.05, "n": 100, "p": 0.3}, corr)
     verdicts = [f.ok for f in out]
     assert verdicts[0] is True and verdicts[1] is True
-    assert verdicts[2] is True and "hit@64 used" in out[2].numbers  # k < 1024: falls back to hit@64
-    assert all(v is True for v in verdicts)
+    # k = 64 < 1024: hit@1024 is not measured; hit@64 must not stand in for it
+    assert verdicts[2] is None and "not measured" in out[2].numbers.lower()
+    assert verdicts[-2:] == [None, None] and "no exact search" in out[-1].numbers  # no exact-search frame given
+    assert all(v is True for v in verdicts[:2] + verdicts[3:-2])
     table = findings.to_frame(out)
-    assert set(table["verdict"]) == {"✓"}
+    assert set(table["verdict"]) == {"✓", "–"}
+
+
+def _exact_frame(ppl_exact_ratio: float) -> pd.DataFrame:
+    """exact_bin_summary-shaped frame: kNN-LM (IVFPQ) harms bins 0..2; exact search scales its PPL."""
+    b = np.array([0, 1, 2, 3])
+    ppl_lm = np.array([400.0, 200, 100, 50])
+    ppl_ivf = ppl_lm * np.array([1.2, 1.1, 1.05, 0.9])
+    ppl_exact = ppl_ivf * ppl_exact_ratio
+    d_ivf, d_exact = np.log(ppl_ivf / ppl_lm), np.log(ppl_exact / ppl_lm)
+    return pd.DataFrame({"freq_bin": b, "bin": bin_labels(b), "ppl_lm": ppl_lm, "ppl_ivf_pq": ppl_ivf,
+                         "ppl_exact": ppl_exact, "share_explained_by_quantization": (d_ivf - d_exact) / d_ivf})
+
+
+def test_exact_findings():
+    cured = _exact_frame(0.8)  # exact search lowers kNN-LM PPL below the LM's in every rare bin
+    assert findings.quantization_explains_rare_harm(cured).ok is True
+    survives = findings.crisis_survives_exact(cured)
+    assert survives.ok is False and "no longer harms" in survives.note
+    worse = _exact_frame(1.1)  # exact search makes it worse: quantization does not explain the harm
+    q = findings.quantization_explains_rare_harm(worse)
+    assert q.ok is False and "not caused by quantization" in q.note
+    assert findings.crisis_survives_exact(worse).ok is True
+    assert findings.quantization_explains_rare_harm(None).ok is None
+
+
+def test_hit_finding_uses_only_its_own_cut_off():
+    df = _bins_frame()
+    df["hit_64"] = 0.9  # would fail the hit@1024 claim if it stood in for it
+    out = findings.hit_below_half(df, 1024, 0, 64)
+    assert out.ok is None and "not measured" in out.note.lower()
+    df["hit_1024"] = [0.0, 0.3, 0.6, 0.7, 0.8, 0.9]
+    assert findings.hit_below_half(df, 1024, 0, 1024).ok is True
+    df.loc[df["freq_bin"] == 0, "hit_1024"] = 0.7
+    assert findings.hit_below_half(df, 1024, 0, 1024).ok is False
+
+
+def test_crisis_by_bin_and_verdict():
+    df = _bins_frame()
+    df.loc[df["freq_bin"].between(0, 2), "ppl_knnlm"] = df["ppl_lm"] * 0.9  # kNN-LM helps every rare bin
+    table = findings.crisis_by_bin(df)
+    assert list(table.loc[table["freq_bin"].between(0, 2), "kNN-LM"]) == ["helps", "helps", "helps"]
+    ok, sentence = findings.crisis_holds(df)
+    assert ok is False and "in none of" in sentence
+    ok, sentence = findings.crisis_holds(_bins_frame())
+    assert ok is False and "1–9, 10–99" in sentence  # bin 100–999 is helped in the paper-shaped frame
+    harm_all = _bins_frame()
+    harm_all.loc[harm_all["freq_bin"] == 2, "ppl_knnlm"] = 1000.0
+    assert findings.crisis_holds(harm_all)[0] is True
 
 
 def test_findings_explain_disagreement():

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "data" / "models" / "demo-gpt2"
 DEMO = REPO / "data" / "runs" / "demo"
-PAGES = ["overview", "bins", "tokens", "neighbors", "whatif", "compare"]
+PAGES = ["overview", "bins", "tokens", "neighbors", "exact", "whatif", "compare"]
 
 needs_model = pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="demo model not built yet")
 needs_demo = pytest.mark.skipif(not (DEMO / "metrics.duckdb").exists(), reason="demo run not built yet")
@@ -34,11 +34,11 @@ def test_corpora_match_their_published_hashes():
         assert hashlib.sha256(data).hexdigest() == digest, name
 
 
-def test_data_tracked_in_git_is_at_most_50_mb():
+def test_data_tracked_in_git_is_at_most_64_mb():
     files = subprocess.run(["git", "ls-files", "-z", "data"], cwd=REPO, capture_output=True, check=True).stdout
     paths = [REPO / p for p in files.decode().split("\0") if p]
     total = sum(p.stat().st_size for p in paths if p.exists())
-    assert total <= 50 * 1024 * 1024, f"data/ in git is {total / 2**20:.1f} MiB"
+    assert total <= 64 * 1024 * 1024, f"data/ in git is {total / 2**20:.1f} MiB"
 
 
 @needs_model
@@ -119,3 +119,44 @@ def test_every_page_renders_on_the_shipped_demo(page, monkeypatch):
     assert text.strip()
     st.cache_data.clear()
     st.cache_resource.clear()
+
+
+OOD = DEMO.parent / "demo-shakespeare"
+needs_ood = pytest.mark.skipif(not (OOD / "metrics.duckdb").exists(), reason="out-of-domain run not built yet")
+
+
+@needs_demo
+@needs_ood
+def test_out_of_domain_run_shares_the_demos_datastore(tmp_path):
+    import shutil
+
+    from knnlm_core import store
+
+    for name in ("demo", "demo-shakespeare"):
+        (tmp_path / name).mkdir()
+        shutil.copy(DEMO.parent / name / "metrics.duckdb", tmp_path / name)
+    con = store.open_readonly(tmp_path / "demo-shakespeare" / "metrics.duckdb")
+    domain, shared, sha = con.execute("SELECT eval_domain, datastore_tokens_from, datastore_sha256 FROM run").fetchone()
+    n_ds = con.execute("SELECT count(*) FROM datastore_tokens").fetchone()[0]  # through the view on demo's table
+    con.close()
+    demo = store.open_readonly(tmp_path / "demo" / "metrics.duckdb")
+    demo_domain, demo_sha, demo_n = demo.execute(
+        "SELECT eval_domain, datastore_sha256, n_entries + 1 FROM run").fetchone()
+    demo.close()
+    assert (domain, demo_domain) == ("out-of-domain", "in-domain") and shared == "../demo/metrics.duckdb"
+    assert sha == demo_sha and n_ds == demo_n
+    (tmp_path / "demo" / "metrics.duckdb").unlink()  # without the demo the run is refused with a clear message
+    with pytest.raises(store.RunSchemaError, match="reads its datastore tokens from"):
+        store.open_readonly(tmp_path / "demo-shakespeare" / "metrics.duckdb")
+
+
+@needs_demo
+def test_shipped_demo_carries_exact_search_and_words():
+    from knnlm_core import store
+
+    con = store.open_readonly(DEMO / "metrics.duckdb")
+    n_exact, n_eval = con.execute("SELECT count(p_knn_exact), count(*) FROM eval_tokens").fetchone()
+    n_words = con.execute("SELECT count(*) FROM eval_words").fetchone()[0]
+    same = con.execute("SELECT bool_and(p_knn_ivf_pq = p_knn) FROM eval_tokens").fetchone()[0]
+    con.close()
+    assert n_exact == n_eval == 19_999 and n_words > 15_000 and same

@@ -57,6 +57,8 @@ def make_tables(n_eval: int = 5, version: int = SCHEMA_VERSION, seed: int = 0) -
         "lm_top": pd.DataFrame({"pos": [0], "rank": [1], "token_id": [4], "p_lm": [0.5]}),
         "knn_top": pd.DataFrame({"pos": [0], "rank": [1], "token_id": [4], "p_knn": [0.5]}),
         "vocab": pd.DataFrame({"token_id": [1, 0], "token": ["b", "a"]}),
+        "exact_neighbors": pd.DataFrame({"pos": [0], "rank": [1], "entry": [3], "distance": [1.5]}),
+        "eval_words": pd.DataFrame({c: [0] for c in cols["eval_words"]}).assign(word=["w"]),
     }
     return tables
 
@@ -182,3 +184,41 @@ def test_open_database_without_run_table(tmp_path):
     con.close()
     with pytest.raises(RunSchemaError, match="rebuild"):
         open_readonly(path)
+
+
+def test_shared_datastore_tokens_are_a_view_on_the_other_run(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_database(tmp_path / "a" / DB_NAME, make_tables())
+    tables = make_tables(seed=1)
+    del tables["datastore_tokens"]
+    tables["run"]["datastore_tokens_from"] = ["../a/metrics.duckdb"]
+    write_database(tmp_path / "b" / DB_NAME, tables, datastore_from=tmp_path / "a" / DB_NAME)
+    con = open_readonly(tmp_path / "b" / DB_NAME)
+    assert con.execute("SELECT token_id FROM datastore_tokens ORDER BY pos").fetchall() == [(8,), (9,), (7,)]
+    assert con.cursor().execute("SELECT count(*) FROM datastore_tokens").fetchone()[0] == 3  # cursors see it too
+    con.close()
+    (tmp_path / "a" / DB_NAME).unlink()
+    with pytest.raises(RunSchemaError, match="reads its datastore tokens from ../a/metrics.duckdb, which is missing"):
+        open_readonly(tmp_path / "b" / DB_NAME)
+
+
+def test_database_stage_refuses_a_run_with_another_datastore(tmp_path):
+    from types import SimpleNamespace
+
+    from precompute.runner import RunError
+    from precompute.stages.database import shared_datastore
+
+    (tmp_path / "a").mkdir()
+    tables = make_tables()
+    tables["run"]["datastore_sha256"] = ["abc"]
+    write_database(tmp_path / "a" / DB_NAME, tables)
+    run = SimpleNamespace(cfg=SimpleNamespace(datastore_tokens_from="../a/metrics.duckdb"), run_dir=tmp_path / "b")
+    assert shared_datastore(run, "abc") == (tmp_path / "a" / DB_NAME).resolve()
+    with pytest.raises(RunError, match="built on another datastore"):
+        shared_datastore(run, "def")
+    run.cfg.datastore_tokens_from = "../missing/metrics.duckdb"
+    with pytest.raises(RunError, match="not a readable run database"):
+        shared_datastore(run, "abc")
+    run.cfg.datastore_tokens_from = ""
+    assert shared_datastore(run, "abc") is None

@@ -224,3 +224,36 @@ def test_missing_keys_in_both_layouts_is_reported(fresh_run, capsys):
     remove_shards(fresh_run)
     assert verify_main(["--run-dir", str(fresh_run)]) == 2
     assert "keys.npy or keys/shards.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- exact search and words (SPEC §8, §10)
+
+def test_exact_and_word_checks_run_on_the_intact_run(intact_checks):
+    for name in ("p_knn_exact (brute force)", "exact_target_rank (brute force)", "p_knn_ivf_pq = p_knn (all positions)",
+                 "exact_neighbors are the s nearest (brute force)", "recall_16 (brute force vs re-searched index)",
+                 "eval_words.nll_lm = sum of token nll_lm", "recall_1024 is NULL (k=64)"):
+        assert intact_checks[name], name
+
+
+@pytest.mark.parametrize("statement, names", [
+    ("UPDATE eval_tokens SET p_knn_exact = p_knn_exact * 0.5 + 1e-3", ["p_knn_exact (brute force)"]),
+    ("UPDATE eval_tokens SET p_knn_ivf_pq = p_knn_ivf_pq * 0.999 WHERE pos % 5 = 1",
+     ["p_knn_ivf_pq = p_knn (all positions)"]),
+    ("UPDATE eval_tokens SET exact_target_rank = coalesce(exact_target_rank, 0) + 1",
+     ["exact_target_rank (brute force)"]),
+    ("UPDATE eval_tokens SET recall_16 = 1.0", ["recall_16 (brute force vs re-searched index)"]),
+    ("UPDATE exact_neighbors SET entry = entry + 1 WHERE rank = 3", ["exact_neighbors are the s nearest (brute force)"]),
+    ("UPDATE eval_words SET nll_lm = nll_lm + 0.01 WHERE word_idx % 9 = 4", ["eval_words.nll_lm = sum of token nll_lm"]),
+    ("UPDATE eval_words SET freq_bin = freq_bin + 1 WHERE word_idx = 0", ["eval_words.freq_bin"]),
+])
+def test_exact_and_word_corruptions_are_caught(fresh_run, intact_checks, statement, names):
+    sql(fresh_run, statement)
+    failed = failed_names(fresh_run, sample=300, exact_sample=100)
+    for name in names:
+        assert intact_checks[name] and name in failed, (name, failed)
+
+
+def test_shifted_target_rank_is_caught_despite_tie_tolerance(fresh_run, intact_checks):
+    """The tie allowance (equal PQ distances at both ranks) does not excuse a real rank error."""
+    sql(fresh_run, "UPDATE eval_tokens SET target_rank = target_rank + 5 WHERE target_rank <= 50")
+    assert intact_checks["target_rank (re-searched)"] and "target_rank (re-searched)" in failed_names(fresh_run)

@@ -87,3 +87,21 @@ def clear() -> None:
     """Drop every cached value and connection (tests, or after rebuilding runs)."""
     st.cache_data.clear()
     st.cache_resource.clear()
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _light_tokenizer(path: str):
+    from knnlm_core.corpus import light_tokenizer
+
+    try:
+        return light_tokenizer(path)
+    except Exception:  # a damaged tokenizer file: the explorer then says it cannot tokenize
+        return None
+
+
+def tokenizer(info: dict):
+    """The run's tokenizer without transformers (None when it is not a local directory)."""
+    from knnlm_core.config import resolve_path
+
+    cfg = info.get("config") or {}
+    return _light_tokenizer(str(resolve_path(cfg.get("tokenizer") or cfg.get("model") or "")))

@@ -15,6 +15,8 @@ import pandas as pd
 
 from knnlm_core.bins import bin_label
 
+RARE_BIN_MAX = 2  # rare = freq < 10^3 (bins 1–9, 10–99, 100–999), as in the paper's crossover
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -73,26 +75,57 @@ def pknn_below_plm_low(df: pd.DataFrame) -> Finding:
 
 
 def hit_below_half(df: pd.DataFrame, k: int, hi_bin: int, run_k: int) -> Finding:
-    """hit@k < 50% in every seen bin up to hi_bin (uses the largest hit@k' <= run k if k > run k)."""
+    """hit@k < 50% in every seen bin up to hi_bin; not measured when the run has no hit@k (k > run k).
+
+    A smaller cut-off never stands in for k: hit@64 < 50% says nothing about hit@1024.
+    """
     claim = f"hit@{k} < 50% for freq < {10 ** (hi_bin + 1):,}"
-    cols = sorted(int(c.split("_")[1]) for c in df.columns if c.startswith("hit_") and df[c].notna().any())
-    usable = [c for c in cols if c <= k]
-    if not usable:
-        return Finding(claim, None, f"no hit@k ≤ {k} stored", f"Not evaluable: the run's k = {run_k}.")
-    kk = usable[-1]
+    col = f"hit_{k}"
+    if col not in df.columns or not df[col].notna().any():
+        return Finding(claim, None, f"hit@{k} not measured",
+                       f"Not measured: the run retrieved k = {run_k} neighbours, fewer than {k}.")
     sub = _bins(df, 0, hi_bin)
     if sub.empty:
         return Finding(claim, None, "no such bin", f"Not evaluable: no target with freq < {10 ** (hi_bin + 1):,}.")
-    numbers = "; ".join(f"{r.bin}: {_pct(getattr(r, f'hit_{kk}'))}" for r in sub.itertuples())
-    if kk != k:
-        numbers = f"(hit@{kk} used: the run's k = {run_k}) " + numbers
-    bad = sub[sub[f"hit_{kk}"] >= 0.5]
+    numbers = "; ".join(f"{r.bin}: {_pct(getattr(r, col))}" for r in sub.itertuples())
+    bad = sub[sub[col] >= 0.5]
     ok = bad.empty
-    note = (
-        ""
-        if ok
-        else f"The target is among the first {kk} neighbours at least half of the time in {', '.join(bad['bin'])}."
-    )
+    note = "" if ok else f"The target is among the first {k} neighbours at least half of the time in {', '.join(bad['bin'])}."
+    return Finding(claim, ok, numbers, note)
+
+
+def quantization_explains_rare_harm(exact: pd.DataFrame | None) -> Finding:
+    """In the rare bins that kNN-LM harms (IVFPQ), exact search lowers the kNN-LM perplexity (SPEC §8)."""
+    claim = "approximate (PQ) search adds to the rare-bin harm: exact search lowers kNN-LM PPL there"
+    if exact is None or exact.empty:
+        return Finding(claim, None, "no exact search", "Not measured: the run has no exact-search comparison.")
+    harmed = _bins(exact, 0, RARE_BIN_MAX)
+    harmed = harmed[harmed["ppl_ivf_pq"] > harmed["ppl_lm"]]
+    if harmed.empty:
+        return Finding(claim, None, "no harmed rare bin", "Not evaluable: kNN-LM harms no rare bin on this run.")
+    numbers = "; ".join(
+        f"{r.bin}: {r.ppl_ivf_pq:.1f} (IVFPQ) → {r.ppl_exact:.1f} (exact), explains {_pct(r.share_explained_by_quantization)}"
+        for r in harmed.itertuples())
+    worse = harmed[harmed["ppl_exact"] >= harmed["ppl_ivf_pq"]]
+    ok = worse.empty
+    note = "" if ok else (f"In {', '.join(worse['bin'])} exact search does not lower kNN-LM's perplexity: the rare-bin "
+                          "harm is not caused by quantization here.")
+    return Finding(claim, ok, numbers, note)
+
+
+def crisis_survives_exact(exact: pd.DataFrame | None) -> Finding:
+    """With exact search, kNN-LM still raises PPL in the rare bins (quantization is not the whole cause)."""
+    claim = "the rare-bin harm survives exact search (PQ is not the whole cause)"
+    if exact is None or exact.empty:
+        return Finding(claim, None, "no exact search", "Not measured: the run has no exact-search comparison.")
+    rare = _bins(exact, 0, RARE_BIN_MAX)
+    harmed = rare[rare["ppl_ivf_pq"] > rare["ppl_lm"]]
+    if harmed.empty:
+        return Finding(claim, None, "no harmed rare bin", "Not evaluable: kNN-LM harms no rare bin on this run.")
+    numbers = "; ".join(f"{r.bin}: LM {r.ppl_lm:.1f}, exact kNN-LM {r.ppl_exact:.1f}" for r in harmed.itertuples())
+    cured = harmed[harmed["ppl_exact"] <= harmed["ppl_lm"]]
+    ok = cured.empty
+    note = "" if ok else f"With exact search kNN-LM no longer harms {', '.join(cured['bin'])}: there PQ is the cause."
     return Finding(claim, ok, numbers, note)
 
 
@@ -143,8 +176,30 @@ def context_freq_corr(corr: dict) -> Finding:
     return Finding(claim, ok, _corr_text(corr), note)
 
 
-def evaluate(df: pd.DataFrame, run_k: int, corr_gain: dict, corr_ctx: dict, corr_freq_pq: dict) -> list[Finding]:
-    """Every SPEC §6 finding, in the order of the paper's narrative."""
+def crisis_by_bin(df: pd.DataFrame) -> pd.DataFrame:
+    """Per bin of a bin_summary: PPL change of kNN-LM vs the LM and whether kNN-LM harms the bin."""
+    out = df[["freq_bin", "bin", "n_tokens", "ppl_lm", "ppl_knnlm"]].copy()
+    out["delta_ppl"] = out["ppl_knnlm"] - out["ppl_lm"]
+    out["kNN-LM"] = ["harms" if d > 0 else "helps" if d < 0 else "no change" for d in out["delta_ppl"]]
+    return out
+
+
+def crisis_holds(df: pd.DataFrame) -> tuple[bool | None, str]:
+    """(verdict, sentence): does kNN-LM raise PPL in every seen rare bin (freq < 10^3) of this run?"""
+    rare = _bins(df, 0, RARE_BIN_MAX)
+    if rare.empty:
+        return None, "no evaluation target has 1 ≤ freq < 1,000: not evaluable"
+    harmed = rare[rare["ppl_knnlm"] > rare["ppl_lm"]]
+    names = ", ".join(harmed["bin"]) or "none"
+    if len(harmed) == len(rare):
+        return True, f"holds: kNN-LM raises perplexity in every rare bin ({names})"
+    return False, f"does not hold in full: kNN-LM raises perplexity in {names} of the {len(rare)} rare bins"
+
+
+def evaluate(df: pd.DataFrame, run_k: int, corr_gain: dict, corr_ctx: dict, corr_freq_pq: dict,
+             exact: pd.DataFrame | None = None) -> list[Finding]:
+    """Every SPEC §6 finding in the order of the paper's narrative, then the SPEC §8 exact-search rows
+    (`exact`: the run's `queries.exact_bin_summary`, None when it has no exact search)."""
     return [
         helps_high_hurts_low(df),
         pknn_below_plm_low(df),
@@ -154,6 +209,8 @@ def evaluate(df: pd.DataFrame, run_k: int, corr_gain: dict, corr_ctx: dict, corr
         pq_error_rarer(corr_freq_pq),
         pq_error_gain(corr_gain),
         context_freq_corr(corr_ctx),
+        quantization_explains_rare_harm(exact),
+        crisis_survives_exact(exact),
     ]
 
 

@@ -15,7 +15,8 @@ URL_PARAMS: dict[str, object] = {
     "run": "demo",  # run directory name under the runs root (sidebar picker)
     "bin": None,  # (low, high) frequency-bin range on the bins page
     "pos": 0,  # evaluation position on the neighbour inspector
-    "token": "",  # token text or id on the token explorer
+    "token": "",  # token text or id, a word or any text on the token explorer
+    "level": "token",  # token | word level on the bins page
     "k": None,  # what-if k (default: min(run.k, stored neighbours))
     "tau": None,  # what-if temperature (default: the run's)
     "lam": None,  # what-if λ (default: the run's)
@@ -26,6 +27,7 @@ PAGES = {  # page file -> URL path
     "bins": "pages/bins.py",
     "tokens": "pages/tokens.py",
     "neighbors": "pages/neighbors.py",
+    "exact": "pages/exact.py",
     "whatif": "pages/whatif.py",
     "compare": "pages/compare.py",
 }

@@ -78,13 +78,27 @@ def current_run() -> tuple[str, dict]:
     return run, open_run(run)
 
 
+DOMAINS = {
+    "in-domain": "in-domain: the evaluation text comes from the distribution the LM was trained on and the "
+    "datastore was built from",
+    "out-of-domain": "out-of-domain: the evaluation text comes from another distribution than the LM's training "
+    "data and the datastore",
+}
+
+
+def setting(info: dict) -> str:
+    """The run's evaluation setting in words (config eval_domain)."""
+    return DOMAINS.get(info.get("eval_domain") or "", "setting not stated (set eval_domain in the run's config)")
+
+
 def run_card(info: dict, where=None) -> None:
     """Compact description of a run (model, sizes, index, k, τ, λ) in `where` (default: sidebar)."""
     where = st.sidebar if where is None else where
     k, stored = info.get("k"), info.get("store_neighbors")
     where.markdown(
         f"**{info.get('run_name', '?')}** · `{info.get('model', '?')}`  \n"
-        f"N = {info.get('n_entries', 0):,} entries · eval {info.get('n_eval', 0):,} tokens  \n"
+        f"N = {info.get('n_entries', 0):,} entries · eval {info.get('n_eval', 0):,} tokens "
+        f"({info.get('eval_domain') or 'domain not stated'})  \n"
         f"index `{info.get('index_factory')}` · nprobe {info.get('nprobe')}  \n"
         f"k = {k} (stored {stored}) · τ = {info.get('temperature')} · λ = {info.get('lambda')}  \n"
         f"distances: {info.get('distance_source')} · PPL {info.get('ppl_lm', 0):.2f} → {info.get('ppl_knnlm', 0):.2f}"

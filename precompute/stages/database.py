@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 
 from knnlm_core import store
 from knnlm_core.bins import freq_bin
 from knnlm_core.knn import interpolate
-from precompute.runner import Run, load_npy, load_npz
+from precompute.runner import Run, RunError, load_npy, load_npz
+from precompute.stages.exact import RECALL_KS
+from precompute.stages.words import unpack_strings
 
 
 def decode_tokens(tokenizer, ids: np.ndarray) -> dict[int, str]:
@@ -60,6 +65,7 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
     eval_tokens["context_freq"] = freq[context]
     eval_tokens["context_token_id"] = context.astype(np.int32)
     eval_tokens["knn_log_z"] = se["knn_log_z"]  # neighbour j's weight in p_kNN = exp(-d_j / τ - knn_log_z)
+    exact_neighbors = add_exact_columns(run, eval_tokens)
 
     eval_count = np.bincount(targets, minlength=len(freq))
     type_ids = np.flatnonzero((freq > 0) | (eval_count > 0))
@@ -90,9 +96,12 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
         "contamination_mode": info.get("contamination_mode", cfg.contamination_search),
         "datastore_corpus": cfg.datastore_corpus, "eval_corpus": cfg.eval_corpus,
         "created_at": info["created_at"], "config_json": json.dumps(cfg.to_dict(), sort_keys=True),
+        "eval_domain": cfg.eval_domain, "exact_search": bool(info.get("exact_search")),
+        "datastore_sha256": datastore_sha256(ds_ids), "datastore_tokens_from": cfg.datastore_tokens_from or None,
     }])
     return {
         "run": run_row, "eval_tokens": eval_tokens, "token_types": token_types, "neighbors": neighbors,
+        "exact_neighbors": exact_neighbors, "eval_words": eval_words(run, nll_lm, nll_knnlm),
         "datastore_tokens": pd.DataFrame({"pos": np.arange(len(ds_ids), dtype=np.int64),
                                           "token_id": ds_ids.astype(np.int32)}),
         "lm_top": lm_top, "knn_top": knn_top,
@@ -100,6 +109,67 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
     }
 
 
+def add_exact_columns(run: Run, eval_tokens: pd.DataFrame) -> pd.DataFrame:
+    """SPEC §8 columns of eval_tokens (NULL when the run has no exact search) and the exact neighbours."""
+    t = len(eval_tokens)
+    if not run.info.get("exact_search"):
+        for name in [f"recall_{k}" for k in RECALL_KS] + ["p_knn_ivf_pq", "p_knn_ivf_exact", "p_knn_exact"]:
+            eval_tokens[name] = np.full(t, np.nan)
+        eval_tokens["exact_target_rank"] = pd.array([pd.NA] * t, dtype="Int32")
+        return pd.DataFrame({"pos": [], "rank": [], "entry": [], "distance": []})
+    ex = load_npz(run.path("exact.npz"))
+    for name in [f"recall_{k}" for k in RECALL_KS] + ["p_knn_ivf_pq", "p_knn_ivf_exact", "p_knn_exact"]:
+        eval_tokens[name] = ex[name]
+    rank = pd.array(ex["exact_target_rank"], dtype="Int32")
+    rank[ex["exact_target_rank"] <= 0] = pd.NA
+    eval_tokens["exact_target_rank"] = rank
+    ids = ex["exact_nbr_ids"]
+    return per_rank(ids >= 0, entry=ids, distance=ex["exact_dist"])
+
+
+def eval_words(run: Run, nll_lm: np.ndarray, nll_knnlm: np.ndarray) -> pd.DataFrame:
+    """SPEC §10: one row per complete word of the evaluation text, NLLs summed over its tokens."""
+    from knnlm_core.words import word_nll
+
+    w = load_npz(run.path("words.npz"))
+    first, n = w["first_pos"], w["n_tokens"]
+    return pd.DataFrame({
+        "word_idx": np.arange(len(first), dtype=np.int32), "word": unpack_strings(w["text_utf8"], w["text_ends"]),
+        "first_pos": first.astype(np.int32), "n_tokens": n.astype(np.int16), "freq": w["freq"],
+        "freq_bin": freq_bin(w["freq"]), "nll_lm": word_nll(first, n, nll_lm),
+        "nll_knnlm": word_nll(first, n, nll_knnlm),
+    })
+
+
+def datastore_sha256(ds_ids: np.ndarray) -> str:
+    """Identity of a datastore's token stream (int32 ids), shared-table checks compare it."""
+    return hashlib.sha256(np.ascontiguousarray(ds_ids, dtype=np.int32).tobytes()).hexdigest()
+
+
+def shared_datastore(run: Run, own_sha: str) -> Path | None:
+    """The other run database whose datastore_tokens this run reads (config datastore_tokens_from),
+    checked to hold the same datastore; None when the run stores its own."""
+    rel = run.cfg.datastore_tokens_from
+    if not rel:
+        return None
+    other = (run.run_dir / rel).resolve()
+    try:
+        con = duckdb.connect(str(other), read_only=True)
+        theirs = con.execute("SELECT datastore_sha256 FROM run").fetchone()[0]
+        con.close()
+    except (duckdb.Error, TypeError) as err:
+        raise RunError(f"datastore_tokens_from = {rel!r}: {other} is not a readable run database ({err}); build "
+                       "that run first or leave datastore_tokens_from empty") from err
+    if theirs != own_sha:
+        raise RunError(f"datastore_tokens_from = {rel!r}: that run was built on another datastore (token streams "
+                       "differ); point it at a run with the same datastore corpus, limit and tokenizer")
+    return other
+
+
 def stage_database(run: Run, key: str) -> dict:
-    store.write_database(run.path(store.DB_NAME), build_tables(run))
+    tables = build_tables(run)
+    other = shared_datastore(run, tables["run"]["datastore_sha256"].iloc[0])
+    if other is not None:
+        del tables["datastore_tokens"]
+    store.write_database(run.path(store.DB_NAME), tables, datastore_from=other)
     return {"ppl_lm": run.info["ppl_lm"], "ppl_knnlm": run.info["ppl_knnlm"]}

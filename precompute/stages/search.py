@@ -34,17 +34,25 @@ def neighbour_sq_dists(q: np.ndarray, keys, ids: np.ndarray, chunk: int = 256) -
     """Exact ||q - k_j||² (Q, m) float32 of each query and its neighbours' stored keys; inf where id < 0.
 
     Each distinct key row is read and converted once; the difference is summed directly
-    (no ||q||² + ||k||² - 2 q·k cancellation), `chunk` queries at a time.
+    (no ||q||² + ||k||² - 2 q·k cancellation), `chunk` queries at a time, in place on one
+    gathered (chunk, m, d) buffer (index_select + in-place ops: ~6x faster than indexing
+    with a 2-D index and allocating the difference, same bits).
     """
+    if ids.size == 0:  # no neighbour asked for (store_neighbors = 0)
+        return np.zeros(ids.shape, dtype=np.float32)
     safe = np.where(ids < 0, 0, ids)
     rows, inverse = np.unique(safe, return_inverse=True)  # sorted rows: a forward read of the key shards
     nbr_keys = torch.from_numpy(np.ascontiguousarray(keys[rows])).float()  # (u, d)
-    inv = torch.from_numpy(inverse.reshape(ids.shape))
+    inv = torch.from_numpy(inverse.reshape(-1))
     qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    m = ids.shape[1]
     out = torch.empty(ids.shape, dtype=torch.float32)
     for a in range(0, len(q), chunk):
-        diff = nbr_keys[inv[a : a + chunk]] - qt[a : a + chunk, None, :]  # (c, m, d)
-        out[a : a + chunk] = (diff * diff).sum(-1)
+        b = min(a + chunk, len(q))
+        diff = torch.index_select(nbr_keys, 0, inv[a * m : b * m]).view(b - a, m, -1)  # (c, m, d)
+        diff.sub_(qt[a:b, None, :])
+        diff.mul_(diff)
+        torch.sum(diff, -1, out=out[a:b])
     dists = out.numpy()
     dists[ids < 0] = np.inf
     return dists
