@@ -1,49 +1,94 @@
-"""What-if re-scoring of a run from its stored neighbours (SPEC §2, vectorised numpy).
+"""What-if re-scoring of a run (SPEC §2, §9): exact where the run's data allow it.
 
-The run stores the first `store_neighbors` neighbours of every evaluation position
-(`neighbors` table). From them p_kNN is recomputed for another k (<= store_neighbors),
-temperature τ, distance source (pq / exact) and λ, without faiss. When k < run.k, or
-store_neighbors < run.k, the result differs from the run's own p_kNN (which used run.k
-neighbours): the softmax is normalised over fewer neighbours.
+- λ only: p_kNNLM = λ p_kNN + (1 − λ) p_LM with the run's own p_kNN (`eval_tokens.p_knn`,
+  computed from run.k neighbours): exact for any λ, no neighbours needed.
+- k, τ or distance source: p_kNN is re-scored from the stored neighbours (`neighbors`
+  table, the first `store_neighbors` of the run.k the index returned, in rank order).
+  Exact when all k requested neighbours are stored (k <= store_neighbors: the index's
+  top-k is the prefix of its top-run.k); otherwise re-scored from the S stored ones and
+  labelled approximate (`plan` decides; the page shows the run's own value beside).
+- Mitigation experiments: the per-frequency-bin λ (an ORACLE, an upper bound: the target's
+  bin is unknown at test time; `knnlm_core.adaptive`), and IDF-weighted p_kNN: neighbour j
+  weighs exp(-d_j / τ) · idf(v_j), idf(v) = ln(1 + N / freq(v)), renormalised.
 
-Mitigation experiments (first attempts, not from the paper):
-- frequency-adaptive λ: one λ per frequency bin of the target. The target is unknown at
-  test time, so this is an oracle diagnostic (an upper bound for any bin-wise λ);
-  `best_lambda_per_bin` finds the best grid value per bin.
-- IDF-weighted p_kNN: neighbour j's weight is exp(-d_j / τ) · idf(v_j) with
-  idf(v) = ln(1 + N / freq(v)), renormalised over the neighbours; rare values count more.
-No Python loop runs over positions.
+Re-scoring is vectorised over row blocks held in cache (float64, numpy ufuncs release the
+GIL, so blocks run on `threads` threads); no Python loop runs over positions. Numpy only:
+the app imports this module.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import duckdb
 import numpy as np
 import pandas as pd
 
-from knnlm_core import knn
+from knnlm_core import adaptive, knn
 from knnlm_core.bins import bin_labels
+
+ROWS = 256  # positions per re-scoring block: (256, k) float64 is 2 MB at k = 1024 (stays in cache)
+SOURCES = ("pq", "exact")
 
 
 @dataclass(frozen=True)
 class StoredNeighbours:
-    """Per-position arrays of a run (T = evaluation positions, S = stored neighbours)."""
+    """Per-position arrays of a run (T = evaluation positions, S = stored neighbours).
+
+    Missing neighbours have value -1 and distance +inf; a distance unknown for one source is +inf there.
+    """
 
     nbr_values: np.ndarray  # (T, S) int32 value token of each neighbour, -1 = none stored
-    dists_pq: np.ndarray  # (T, S) float32 PQ (index) squared L2 distances
-    dists_exact: np.ndarray  # (T, S) float32 exact squared L2 distances
+    dists_pq: np.ndarray  # (T, S) float32 PQ (index) squared L2 distances, inf = missing
+    dists_exact: np.ndarray  # (T, S) float32 exact squared L2 distances, inf = missing
     targets: np.ndarray  # (T,) int32 target token ids
     p_lm: np.ndarray  # (T,) float64
     p_knn_run: np.ndarray  # (T,) float64 the run's own p_kNN (run.k neighbours)
     freq_bin: np.ndarray  # (T,) int16
     type_freq: np.ndarray  # (V,) int64 datastore frequency of every token id (0 = unseen)
+    match: np.ndarray  # (T, S) bool neighbour present and its value is the target
 
     @property
     def n_stored(self) -> int:
         """S: neighbours stored per position."""
         return int(self.nbr_values.shape[1])
+
+
+def from_arrays(
+    nbr_values: np.ndarray,
+    dists_pq: np.ndarray,
+    dists_exact: np.ndarray,
+    targets: np.ndarray,
+    p_lm: np.ndarray,
+    p_knn_run: np.ndarray,
+    freq_bin: np.ndarray,
+    type_freq: np.ndarray,
+) -> StoredNeighbours:
+    """StoredNeighbours with missing neighbours normalised (value -1, distances inf) and the
+    target-match mask computed once (everything τ-independent is done here, not per re-score)."""
+    t, s = nbr_values.shape
+    assert dists_pq.shape == dists_exact.shape == (t, s) and targets.shape == p_lm.shape == (t,)
+    values = np.asarray(nbr_values, dtype=np.int32)
+    present = values != knn.PAD  # a neighbour whose distance of one source is unknown weighs 0 under that source
+    dq, de = (_with_inf(d, present) for d in (dists_pq, dists_exact))
+    targets = np.asarray(targets, dtype=np.int32)
+    return StoredNeighbours(
+        nbr_values=values, dists_pq=dq, dists_exact=de, targets=targets,
+        p_lm=np.asarray(p_lm, dtype=np.float64), p_knn_run=np.asarray(p_knn_run, dtype=np.float64),
+        freq_bin=np.asarray(freq_bin, dtype=np.int16), type_freq=np.asarray(type_freq, dtype=np.int64),
+        match=present & (values == targets[:, None]),
+    )
+
+
+def _with_inf(d: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """float32 distances (T, S) with +inf where the neighbour is absent or its distance unknown
+    (no copy when nothing is missing)."""
+    d = np.asarray(d, dtype=np.float32)
+    ok = present & np.isfinite(d)
+    return d if ok.all() else np.where(ok, d, np.inf).astype(np.float32)
 
 
 def load_neighbours(cur: duckdb.DuckDBPyConnection) -> StoredNeighbours:
@@ -67,15 +112,9 @@ def load_neighbours(cur: duckdb.DuckDBPyConnection) -> StoredNeighbours:
     vocab_size = int(max(tf["token_id"].max(initial=0), nbr_values.max(initial=0), ev["token_id"].max(initial=0))) + 1
     type_freq = np.zeros(vocab_size, dtype=np.int64)  # (V,)
     type_freq[np.asarray(tf["token_id"], dtype=np.int64)] = np.asarray(tf["freq"], dtype=np.int64)
-    return StoredNeighbours(
-        nbr_values=nbr_values,
-        dists_pq=dists_pq,
-        dists_exact=dists_exact,
-        targets=np.asarray(ev["token_id"], dtype=np.int32),
-        p_lm=np.asarray(ev["p_lm"], dtype=np.float64),
-        p_knn_run=np.asarray(ev["p_knn"], dtype=np.float64),
-        freq_bin=np.asarray(ev["freq_bin"], dtype=np.int16),
-        type_freq=type_freq,
+    return from_arrays(
+        nbr_values, dists_pq, dists_exact, np.asarray(ev["token_id"]), np.asarray(ev["p_lm"]),
+        np.asarray(ev["p_knn"]), np.asarray(ev["freq_bin"]), type_freq,
     )
 
 
@@ -100,6 +139,54 @@ def _to_grid(nb: dict, t: int, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return out
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """The retrieval settings the run's own p_kNN was computed with."""
+
+    k: int  # neighbours the index returned per position
+    tau: float  # temperature τ
+    source: str  # distance source: "pq" or "exact"
+    lam: float  # the run's single λ
+    n_stored: int  # neighbours stored per position (store_neighbors)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a What-if p_kNN for (k, τ, source) is obtained from a run."""
+
+    k: int  # requested k
+    k_used: int  # neighbours actually re-scored (0 = the run's own p_kNN is used)
+    runs_own: bool  # (k, τ, source) are the run's: p_kNN is eval_tokens.p_knn itself
+    exact: bool  # the result is the exact kNN-LM p_kNN at (k, τ, source)
+    label: str  # what the page shows next to the numbers
+
+
+def run_settings(info: dict, n_stored: int) -> RunSettings:
+    """RunSettings from the run row (dict of the `run` table)."""
+    return RunSettings(
+        int(info["k"]), float(info["temperature"]), str(info["distance_source"]), float(info["lambda"]), int(n_stored)
+    )
+
+
+def plan(k: int, tau: float, source: str, run: RunSettings) -> Plan:
+    """Decide how p_kNN at (k, τ, source) is computed and whether it is exact."""
+    if not 1 <= k <= run.k:
+        raise ValueError(f"k must be in 1..{run.k} (neighbours the run's index returned per position)")
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}")
+    if k == run.k and source == run.source and math.isclose(tau, run.tau, rel_tol=1e-12, abs_tol=1e-12):
+        return Plan(k, 0, True, True, f"exact: the run's own p_kNN (k = {k}, τ = {run.tau:g}, {source} distances)")
+    if k <= run.n_stored:
+        return Plan(k, k, False, True, f"exact: re-scored from all {k} neighbours, stored for every position")
+    if run.n_stored == 0:
+        return Plan(k, 0, False, False, "not available: the run stores no neighbours, so only λ can change")
+    return Plan(
+        k, run.n_stored, False, False,
+        f"approximate: k = {k} needs {k} neighbours per position but the run stores only {run.n_stored}; "
+        f"re-scored from those {run.n_stored} (the softmax is normalised over fewer neighbours)",
+    )
+
+
 def idf(type_freq: np.ndarray, n_entries: int) -> np.ndarray:
     """idf(v) = ln(1 + N / freq(v)) per token id (V,); 0 for tokens absent from the datastore."""
     f = type_freq.astype(np.float64)
@@ -108,25 +195,81 @@ def idf(type_freq: np.ndarray, n_entries: int) -> np.ndarray:
 
 
 def rescore(
-    data: StoredNeighbours, k: int, tau: float, source: str = "pq", idf_weights: np.ndarray | None = None
+    data: StoredNeighbours,
+    k: int,
+    tau: float,
+    source: str = "pq",
+    idf_weights: np.ndarray | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
-    """p_kNN(target) (T,) from the first k stored neighbours, temperature tau, `pq` or `exact`
-    distances; with `idf_weights` (V,) each neighbour's weight is multiplied by idf(value)."""
+    """p_kNN(target) (T,) float64 from the first k stored neighbours, temperature tau, `pq` or
+    `exact` distances; with `idf_weights` (V,) each neighbour's weight is multiplied by idf(value).
+
+    Per row: Σ_{match} w_j / Σ_j w_j with w_j = exp(-(d_j - min_j d_j) / tau), in float64, over
+    blocks of ROWS positions on `threads` threads (default: all CPUs, at most 8).
+    """
     if not 1 <= k <= data.n_stored:
         raise ValueError(f"k must be in 1..{data.n_stored} (neighbours stored per position)")
-    if source not in ("pq", "exact"):
-        raise ValueError("source must be 'pq' or 'exact'")
-    vals = data.nbr_values[:, :k]  # (T, k)
-    dists = (data.dists_pq if source == "pq" else data.dists_exact)[:, :k].astype(np.float64)  # (T, k)
-    vals = np.where(np.isfinite(dists), vals, knn.PAD)
-    dists = np.where(np.isfinite(dists), dists, 0.0)
-    if idf_weights is not None:
-        w = idf_weights[np.maximum(vals, 0)]  # (T, k)
-        with np.errstate(divide="ignore"):
-            dists = dists - tau * np.log(w)  # exp(-d'/tau) = exp(-d/tau) * w
-        vals = np.where(w > 0, vals, knn.PAD)
-        dists = np.where(np.isfinite(dists), dists, 0.0)
-    return knn.p_knn_of(dists, vals, data.targets, tau)
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}")
+    if not tau > 0:
+        raise ValueError("tau must be > 0")
+    dists = data.dists_pq if source == "pq" else data.dists_exact  # (T, S) float32, inf = missing
+    t = len(data.targets)
+    out = np.zeros(t)  # (T,)
+    n = max(1, min(threads or min(os.cpu_count() or 1, 8), -(-t // ROWS)))
+    spans = [(i * t // n, (i + 1) * t // n) for i in range(n)]
+
+    def work(span: tuple[int, int]) -> None:
+        buf = np.empty((ROWS, k))  # (ROWS, k) float64 weights of one block
+        for lo in range(span[0], span[1], ROWS):
+            hi = min(lo + ROWS, span[1])
+            out[lo:hi] = _block(dists[lo:hi, :k], data.match[lo:hi, :k], data.nbr_values[lo:hi, :k],
+                                tau, idf_weights, buf[: hi - lo])
+
+    if n == 1:
+        work(spans[0])
+    else:
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(work, spans))
+    return out
+
+
+def _block(d: np.ndarray, match: np.ndarray, vals: np.ndarray, tau: float, idf_w: np.ndarray | None,
+           buf: np.ndarray) -> np.ndarray:
+    """p_kNN(target) (r,) of one block: d (r, k) float32 (inf = missing), match (r, k) bool."""
+    low = d.min(axis=1).astype(np.float64)  # (r,) shift: the largest weight of a row is exp(0) = 1
+    low[~np.isfinite(low)] = 0.0  # a row without neighbours: every weight stays exp(-inf) = 0
+    np.multiply(d, -1.0 / tau, out=buf, dtype=np.float64)
+    np.add(buf, (low / tau)[:, None], out=buf)
+    np.exp(buf, out=buf)  # (r, k) w_j
+    if idf_w is not None:
+        buf *= idf_w[np.maximum(vals, 0)]  # missing neighbours already weigh 0
+    den = buf.sum(axis=1)
+    num = np.einsum("ij,ij->i", buf, match)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def p_knn_for(data: StoredNeighbours, p: Plan, tau: float, source: str) -> np.ndarray:
+    """p_kNN (T,) following a Plan: the run's own column, or re-scored from p.k_used neighbours."""
+    if p.runs_own or p.k_used == 0:
+        return data.p_knn_run
+    return rescore(data, p.k_used, tau, source)
+
+
+def interpolate(data: StoredNeighbours, lam: float | np.ndarray, p_knn: np.ndarray | None = None) -> np.ndarray:
+    """p_kNNLM (T,) = λ p_kNN + (1 − λ) p_LM; p_kNN defaults to the run's own (exact for any λ)."""
+    return knn.interpolate(data.p_lm, data.p_knn_run if p_knn is None else p_knn, lam)
+
+
+def choose_tau(
+    valid: StoredNeighbours, taus: np.ndarray, lam: float, k: int | None = None, source: str = "pq"
+) -> tuple[float, np.ndarray]:
+    """(best τ, PPL per τ (G,)) on a VALIDATION split's stored neighbours: the grid value whose
+    λ-interpolated PPL is lowest (SPEC §9: τ of a whitened datastore is chosen this way)."""
+    k = valid.n_stored if k is None else k
+    ppl = np.array([overall_ppl(interpolate(valid, lam, rescore(valid, k, float(t), source))) for t in taus])
+    return float(np.asarray(taus)[int(np.argmin(ppl))]), ppl
 
 
 def lam_per_position(freq_bin: np.ndarray, lam_by_bin: dict[int, float], default: float) -> np.ndarray:
@@ -162,12 +305,6 @@ def overall_ppl(p: np.ndarray) -> float:
 def best_lambda_per_bin(
     freq_bin: np.ndarray, p_lm: np.ndarray, p_knn: np.ndarray, grid: np.ndarray | None = None
 ) -> dict[int, float]:
-    """Oracle λ per bin: the grid value minimising the bin's mean NLL of λ p_kNN + (1-λ) p_LM."""
-    grid = np.linspace(0.0, 0.95, 20) if grid is None else np.asarray(grid, dtype=np.float64)
-    bins, inv = np.unique(freq_bin, return_inverse=True)
-    p = grid[:, None] * p_knn[None, :] + (1.0 - grid[:, None]) * p_lm[None, :]  # (G, T)
-    with np.errstate(divide="ignore"):
-        nll = -np.log(p)  # (G, T)
-    sums = np.stack([np.bincount(inv, weights=row, minlength=len(bins)) for row in nll])  # (G, B)
-    best = grid[np.argmin(sums, axis=0)]
-    return {int(b): float(lam) for b, lam in zip(bins, best, strict=True)}
+    """ORACLE (upper bound) λ per frequency bin: the grid value (default 0, 0.01, …, 1) minimising
+    the bin's mean NLL of λ p_kNN + (1-λ) p_LM on these very positions (adaptive.oracle_by_bin)."""
+    return adaptive.oracle_by_bin(freq_bin, p_lm, p_knn, grid)

@@ -1,58 +1,73 @@
-"""What-if: re-score p_kNN from the stored neighbours with another k, τ, λ or distance
-source, and try two mitigations: a per-bin λ and an IDF-weighted p_kNN (knnlm_core.whatif)."""
+"""What-if: change λ (exact, from the run's own p_kNN), or k, τ and the distance source
+(re-scored from the stored neighbours: exact when all k are stored, labelled approximate
+otherwise), and try two mitigations: the oracle per-bin λ (an upper bound) and an
+IDF-weighted p_kNN (knnlm_core.whatif, SPEC §9)."""
 
 import pandas as pd
 import streamlit as st
 
-from knnlm_core import whatif
+from knnlm_core import adaptive, whatif
 from ui import cache, figures, widgets
 
 run, info = widgets.current_run()
 st.title("What-if re-scoring")
 data = cache.neighbours(run)
-stored, run_k = data.n_stored, info["k"]
-if stored == 0:
-    widgets.fail("This run stores no neighbours (store_neighbors = 0): nothing to re-score.", info=True)
+settings = whatif.run_settings(info, data.n_stored)
+stored, run_k = settings.n_stored, settings.k
 
 raw_k = st.query_params.get("k")
-if raw_k is not None and raw_k.isdigit() and int(raw_k) > stored:
-    st.info(f"k = {raw_k} exceeds the {stored} neighbours stored per position; k is limited to {stored}.")
+if raw_k is not None and raw_k.isdigit() and int(raw_k) > run_k:
+    st.info(f"k = {raw_k} exceeds the run's k = {run_k} (neighbours its index returned per position); "
+            f"k is limited to {run_k}.")
 c = st.columns(4)
-k = c[0].slider("k", 1, stored, min(run_k, stored), key="k", bind="query-params")
+fixed = stored == 0  # nothing to re-score: only λ can change
+k = c[0].slider("k", 1, max(run_k, 2), run_k, key="k", bind="query-params", disabled=fixed or run_k < 2)
 tau = c[1].slider(
-    "τ", 0.1, max(100.0, 2 * info["temperature"]), float(info["temperature"]), 0.1, key="tau", bind="query-params"
+    "τ", 0.1, max(100.0, 2 * settings.tau), settings.tau, 0.1, key="tau", bind="query-params", disabled=fixed
 )
-lam = c[2].slider("λ", 0.0, 1.0, float(info["lambda"]), 0.01, key="lam", bind="query-params")
-source = c[3].radio(
-    "distances", ["pq", "exact"], index=["pq", "exact"].index(info["distance_source"]), key="whatif_source"
-)
-if k < run_k:
-    st.warning(
-        f"The run used k = {run_k}; with k = {k} the softmax is normalised over fewer neighbours, so "
-        f"re-scored p_kNN differs from the run's even at τ = {info['temperature']} and λ = {info['lambda']}."
-        + (f" Only {stored} neighbours per position are stored." if stored < run_k else "")
-    )
+lam = c[2].slider("λ", 0.0, 1.0, settings.lam, 0.01, key="lam", bind="query-params")
+source = c[3].radio("distances", list(whatif.SOURCES), index=list(whatif.SOURCES).index(settings.source),
+                    key="whatif_source", disabled=fixed)
+if fixed:
+    st.info("This run stores no neighbours (store_neighbors = 0): only λ can change, exactly, from the run's own "
+            "p_kNN.")
+    k, tau, source = run_k, settings.tau, settings.source
+k = min(int(k), run_k)
 
-use_idf = st.toggle("Also compute the IDF-weighted p_kNN (mitigation experiment)", key="whatif_idf")
-p_knn = cache.rescored(run, k, tau, source)
+plan = whatif.plan(k, tau, source, settings)
+if plan.exact:
+    st.caption(f"p_kNN — {plan.label}. λ changes are exact for any λ.")
+else:
+    st.warning(f"p_kNN — {plan.label}. The run's own value (k = {run_k}, τ = {settings.tau:g}): PPL "
+               f"{info['ppl_knnlm']:.2f}, per bin in column ppl_knnlm_run.")
+p_knn = data.p_knn_run if plan.runs_own else cache.rescored(run, plan.k_used, tau, source)
+
+use_idf = st.toggle("Also compute the IDF-weighted p_kNN (mitigation experiment)", key="whatif_idf", disabled=fixed)
 best = whatif.best_lambda_per_bin(data.freq_bin, data.p_lm, p_knn)
-st.subheader("Per-bin λ (oracle start)")
+st.subheader(f"Per-bin λ — {adaptive.ORACLE_LABEL}")
 st.caption(
-    "Pre-filled with the λ minimising each bin's NLL on this evaluation set (an oracle: the target's bin "
-    "is unknown at test time). Edit to try your own."
+    "Pre-filled with the λ (grid 0, 0.01, …, 1) minimising each bin's NLL on this evaluation set, from the p_kNN "
+    "above: the target's bin is unknown at test time, so this is an oracle, an upper bound for any bin-wise λ. "
+    "Edit to try your own. Adaptive λ from what is known at test time (nearest neighbour's distance, LM entropy) "
+    "is fitted on a validation split, which this run does not store."
 )
 lam_df = st.data_editor(
     pd.DataFrame({"freq_bin": list(best), "lam": list(best.values())}),
     hide_index=True,
     key="whatif_lams",
     disabled=["freq_bin"],
-    column_config={"lam": st.column_config.NumberColumn(min_value=0.0, max_value=1.0, step=0.05)},
+    column_config={"lam": st.column_config.NumberColumn(min_value=0.0, max_value=1.0, step=0.01)},
 )
-lam_vec = whatif.lam_per_position(data.freq_bin, dict(zip(lam_df["freq_bin"], lam_df["lam"], strict=True)), lam)
+lam_by_bin = dict(zip(lam_df["freq_bin"], lam_df["lam"], strict=True))
+lam_vec = whatif.lam_per_position(data.freq_bin, lam_by_bin, lam)
+per_bin = "oracle per-bin λ" if lam_by_bin == best else "per-bin λ (edited)"
 
-variants = {"what-if": lam * p_knn + (1 - lam) * data.p_lm, "per-bin λ": lam_vec * p_knn + (1 - lam_vec) * data.p_lm}
+variants = {"what-if": whatif.interpolate(data, lam, p_knn), per_bin: whatif.interpolate(data, lam_vec, p_knn)}
 if use_idf:
-    variants["IDF-weighted"] = lam * cache.rescored(run, k, tau, source, use_idf=True) + (1 - lam) * data.p_lm
+    k_idf = min(k, stored)
+    variants["IDF-weighted"] = whatif.interpolate(data, lam, cache.rescored(run, k_idf, tau, source, use_idf=True))
+    st.caption(f"IDF-weighted p_kNN re-scored from {k_idf} stored neighbours per position"
+               + ("." if k <= stored else f" (approximate: k = {k} requested, {stored} stored)."))
 run_bins = cache.q(run, "bin_summary", run_k)[["freq_bin", "bin", "n_tokens", "ppl_lm", "ppl_knnlm"]]
 table = run_bins.rename(columns={"ppl_knnlm": "ppl_knnlm_run"})
 for name, p in variants.items():
@@ -60,17 +75,15 @@ for name, p in variants.items():
 m = st.columns(len(variants) + 1)
 m[0].metric("PPL kNN-LM (run)", f"{info['ppl_knnlm']:.2f}")
 for col, (name, p) in zip(m[1:], variants.items(), strict=True):
-    col.metric(
-        f"PPL {name}",
-        f"{whatif.overall_ppl(p):.2f}",
-        delta=f"{whatif.overall_ppl(p) - info['ppl_knnlm']:+.2f}",
-        delta_color="inverse",
-    )
+    ppl = whatif.overall_ppl(p)
+    approx = k > stored if name == "IDF-weighted" else not plan.exact
+    col.metric(f"PPL {name}" + (" (approximate)" if approx else ""), f"{ppl:.2f}",
+               delta=f"{ppl - info['ppl_knnlm']:+.2f}", delta_color="inverse")
 st.plotly_chart(
     figures.lines_by_bin(
         table,
         {c: c.removeprefix("ppl_") for c in table.columns if c.startswith("ppl_")},
-        "Perplexity per bin: run vs re-scored",
+        "Perplexity per bin: run vs what-if",
         "perplexity",
         log_y=True,
     )

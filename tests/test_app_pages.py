@@ -60,7 +60,7 @@ def test_overview(runs_env):
     assert metrics["PPL LM"] == f"{run['ppl_lm']:.2f}"
     assert metrics["PPL kNN-LM"] == f"{run['ppl_knnlm']:.2f}"
     findings = at.dataframe[0].value
-    assert len(findings) == 8 and set(findings["verdict"]) <= {"✓", "✗", "–"}
+    assert len(findings) == 10 and set(findings["verdict"]) <= {"✓", "✗", "–"}  # SPEC §6 rows + 2 exact-search rows
     assert "checkable findings hold" in _texts(at)
     assert not at.error
 
@@ -89,7 +89,7 @@ def test_tokens_page(runs_env):
     assert len(occ) == count and {"pos", "p_lm", "p_knn", "gain", "context"} <= set(occ.columns)
     assert "Inspect position" in str(at.get("page_link")[0].proto.label)
     at.text_input(key="token").set_value("zzqqxx-none").run()
-    assert "No token type matches" in _texts(at)
+    assert "is not a token type or a word of the evaluation text" in _texts(at)
 
 
 def _eval_row(runs_env, pos):
@@ -125,23 +125,67 @@ def test_neighbors_bad_pos(runs_env, bad, message):
     assert at.error and message in at.error[0].value
 
 
+def _metrics(at: AppTest) -> dict:
+    return {m.label: m.value for m in at.metric}
+
+
 def test_whatif_page(runs_env):
     run = _run_row(runs_env)
     at = open_page("whatif")
     k = at.slider(key="k")
-    assert k.max == run["store_neighbors"] and k.value == run["store_neighbors"]
-    assert "differs from the run's" in _texts(at)
-    assert {"ppl_knnlm_run", "ppl_what-if", "ppl_per-bin λ"} <= set(at.dataframe[-1].value.columns)
+    assert k.max == run["k"] and k.value == run["k"]  # default: the run's own k, τ, source
+    texts = _texts(at)
+    assert "exact: the run's own p_kNN" in texts and "an oracle, an upper bound" in texts
+    assert any("oracle (upper bound)" in h.value for h in at.subheader)
+    assert _metrics(at)["PPL what-if"] == f"{run['ppl_knnlm']:.2f}"
+    table = at.dataframe[-1].value
+    assert {"ppl_knnlm_run", "ppl_what-if", "ppl_oracle per-bin λ"} <= set(table.columns)
+    np.testing.assert_allclose(table["ppl_what-if"], table["ppl_knnlm_run"], rtol=1e-9)
+    assert float(_metrics(at)["PPL oracle per-bin λ"]) <= float(f"{run['ppl_knnlm']:.2f}")
+    # λ only: still exact, equal to direct interpolation of the run's p_LM and p_kNN
+    at.slider(key="lam").set_value(0.5).run()
+    con = store.open_readonly(runs_env / "tiny" / store.DB_NAME)
+    try:
+        ev = con.execute("SELECT p_lm, p_knn FROM eval_tokens").fetchnumpy()
+    finally:
+        con.close()
+    direct = float(np.exp(np.mean(-np.log(0.5 * ev["p_knn"] + 0.5 * ev["p_lm"]))))
+    assert _metrics(at)["PPL what-if"] == f"{direct:.2f}" and "exact: the run's own p_kNN" in _texts(at)
     at.toggle(key="whatif_idf").set_value(True).run()
     assert "ppl_IDF-weighted" in at.dataframe[-1].value.columns
+    assert "approximate: k = 64 requested, 16 stored" in _texts(at)
+    # τ at the run's k: only 16 of 64 neighbours stored -> approximate, the run's own value beside
     at.slider(key="tau").set_value(2.0).run()
+    assert at.warning and "approximate" in at.warning[0].value and "The run's own value" in at.warning[0].value
+    assert f"{run['ppl_knnlm']:.2f}" in at.warning[0].value and "PPL what-if (approximate)" in _metrics(at)
+    # k <= stored: exact re-scoring
     at.slider(key="k").set_value(4).run()
+    assert "exact: re-scored from all 4 neighbours" in _texts(at) and "PPL what-if" in _metrics(at)
     assert not at.exception
 
 
-def test_whatif_k_beyond_stored_note(runs_env):
+def test_whatif_k_beyond_run_k_note(runs_env):
     at = open_page("whatif", k=1000)
-    assert "exceeds the 16 neighbours stored" in _texts(at)
+    assert "exceeds the run's k = 64" in _texts(at)
+
+
+def test_whatif_without_stored_neighbours(fresh_run, monkeypatch):
+    """A run storing no neighbours (the tiny run with its neighbors table emptied): λ only, exact."""
+    con = duckdb.connect(str(fresh_run / store.DB_NAME))
+    con.execute("DELETE FROM neighbors")
+    con.execute("UPDATE run SET store_neighbors = 0")
+    con.close()
+    monkeypatch.setenv("KNNLM_RUNS_DIR", str(fresh_run.parent))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = open_page("whatif", run=fresh_run.name)
+    run = _run_row(fresh_run.parent, fresh_run.name)
+    assert "only λ can change" in _texts(at) and at.slider(key="tau").disabled
+    assert _metrics(at)["PPL what-if"] == f"{run['ppl_knnlm']:.2f}"
+    at.slider(key="lam").set_value(0.6).run()
+    assert not at.exception and _metrics(at)["PPL what-if"] != f"{run['ppl_knnlm']:.2f}"
+    st.cache_data.clear()
+    st.cache_resource.clear()
 
 
 def test_compare_page(runs_env):
