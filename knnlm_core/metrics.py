@@ -85,8 +85,12 @@ def exact_knn(
     return exact_knn_with_dists(queries, keys, k, progress)[1]
 
 
+EXACT_BLOCK_BYTES = 2 << 30  # float32 key block of the exact search: 2 GiB (2.8M keys at d = 192)
+
+
 def exact_knn_with_dists(
-    queries: np.ndarray, keys: np.ndarray, k: int, progress: Callable[[int], None] | None = None
+    queries: np.ndarray, keys: np.ndarray, k: int, progress: Callable[[int], None] | None = None,
+    block_bytes: int = EXACT_BLOCK_BYTES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(squared L2 distances (Q, k) float32 ascending, ids (Q, k) int64) of the exact k nearest keys.
 
@@ -94,13 +98,17 @@ def exact_knn_with_dists(
     without copying the block into an index) and merged into a `faiss.ResultHeap`: keys are
     streamed once per call and never held whole in float32.
     The distances are faiss's (||q||² + ||k||² - 2 q·k); recompute them from the keys where
-    full precision matters.
+    full precision matters. Blocks are as large as `block_bytes` allows: every block restarts
+    the per-query top-k selection with a loose threshold, so many small blocks cost several
+    times the heap work of one search over all keys (measured 0.52x IndexFlatL2 with blocks
+    of 262,144 keys on 2.45M keys, k = 1024).
     """
     import faiss
 
     heap = faiss.ResultHeap(len(queries), k)
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    for start, block in blocks(keys, 262144):
+    rows = max(65536, int(block_bytes) // (4 * keys.shape[1]))
+    for start, block in blocks(keys, rows):
         dists, ids = faiss.knn(q, block, min(k, len(block)))
         ids = np.where(ids < 0, -1, ids + start)
         if dists.shape[1] < k:  # a final block smaller than k: pad so the heap sees (Q, k)

@@ -24,6 +24,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run built with another config (stages whose inputs did not change are reused)")
     parser.add_argument("--run-name", help="name shown in the dashboard (default: the directory name)")
+    # Execution flags, not config fields: they enter no stage key, so either executor resumes the other's run.
+    run = parser.add_argument_group("execution (docs/SCALE.md)")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local: this process (default); ray: shard maps on Ray actors (pip install -r "
+                     "requirements-ray.txt)")
+    run.add_argument("--ray-address", help="join a running Ray cluster ('auto' or host:port); default: start a "
+                     "local Ray instance")
     over = parser.add_argument_group("config overrides")
     over.add_argument("--model", help="hub name (e.g. gpt2-xl) or local model directory")
     over.add_argument("--k", type=int, help="neighbours used for p_kNN")
@@ -44,23 +51,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Every other flag is a RunConfig field (dest names match; None = not given).
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "run_dir", "overwrite", "run_name")}
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("config", "run_dir", "overwrite", "run_name", "executor", "ray_address")}
     # Imported here so that --help stays fast (the pipeline imports torch and faiss).
     from knnlm_core.corpus import CorpusError
     from knnlm_core.index import IndexConfigError
     from knnlm_core.keystore import KeyStoreError
     from knnlm_core.model import ModelError
+    from precompute.executor import make_executor
     from precompute.pipeline import RunError, build_run
 
+    executor = None
     try:
         cfg = load_config(args.config, overrides)
-        build_run(cfg, args.run_dir, overwrite=args.overwrite, run_name=args.run_name)
+        executor = make_executor(args.executor, args.ray_address)
+        build_run(cfg, args.run_dir, overwrite=args.overwrite, run_name=args.run_name, executor=executor)
     except (ConfigError, CorpusError, IndexConfigError, KeyStoreError, ModelError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished stages are kept)", file=sys.stderr)
         return 130
+    finally:
+        if executor is not None:
+            executor.close()
     return 0
 
 

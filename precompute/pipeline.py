@@ -137,8 +137,13 @@ def model_fingerprint(cfg: RunConfig, run_dir: Path) -> str:
     return fp
 
 
-def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: str | None = None) -> Path:
-    """Validate, run every stage that is not up to date, and write the manifest. Returns run_dir."""
+def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: str | None = None,
+              executor=None) -> Path:
+    """Validate, run every stage that is not up to date, and write the manifest. Returns run_dir.
+
+    `executor` runs the stages' shard maps (precompute.executor; None = local, in this
+    process). It enters no stage key: a run resumes or is reused under either executor.
+    """
     import faiss
     import torch
 
@@ -152,14 +157,14 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     check_run_dir(run_dir, cfg, overwrite)
     facts = model_facts(cfg)
     max_context, stride = resolve_windows(cfg, facts["n_positions"])
-    device = resolve_device(cfg.device)
+    device = executor.resolve_device(cfg.device) if executor is not None else resolve_device(cfg.device)
     corpora = {}
     for role, rel, limit in (("datastore", cfg.datastore_corpus, cfg.datastore_limit_tokens),
                              ("eval", cfg.eval_corpus, cfg.eval_limit_tokens)):
         path = resolve_path(rel)
         read_text(path)  # raises CorpusError if missing, empty or not UTF-8
         corpora[role] = {"path": rel, "sha256": file_sha256(path), "limit_tokens": limit}
-    run = Run(cfg=cfg, run_dir=run_dir, run_name=run_name or run_dir.name)
+    run = Run(cfg=cfg, run_dir=run_dir, run_name=run_name or run_dir.name, executor=executor)
     stages_path = run_dir / "stages.json"
     if stages_path.exists() and (run_dir / "run_config.json").exists():
         run.stages = json.loads(stages_path.read_text())

@@ -28,6 +28,10 @@ from knnlm_core.config import RunConfig, resolve_path
 from knnlm_core.keystore import KeyStoreError, open_keys
 
 FAULT_ENV = "KNNLM_FAULT_AFTER_SHARD"  # "<stage>" or "<stage>:<n>": SIGKILL self after n shards (tests)
+# "<stage>" or "<stage>:<n>": a Ray worker exits (os._exit) after saving n shards of the stage, once per run
+# (a marker file in the run directory), so the retried task and the restarted worker then finish the stage.
+WORKER_FAULT_ENV = "KNNLM_FAULT_WORKER_EXIT"
+IN_WORKER = False  # set by a Ray worker process: faults then follow WORKER_FAULT_ENV, not FAULT_ENV
 
 
 class RunError(RuntimeError):
@@ -43,8 +47,20 @@ class Run:
     run_name: str
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # resolved facts: dims, windows, hashes
+    executor: Any = None  # precompute.executor.LocalExecutor (None) or RayExecutor: who runs shard maps
+    memo: dict[Any, Any] = field(default_factory=dict)  # per-process cache: opened index, shard folders, μ
     _lm: Any = None
     _tokenizer: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What travels to a Ray worker: config, paths, facts; never the model, executor or caches."""
+        return {**self.__dict__, "executor": None, "memo": {}, "_lm": None, "_tokenizer": None}
+
+    def cached(self, name: Any, make: Callable[[], Any]) -> Any:
+        """`make()` once per process and name (a worker keeps its index, keys and shard folders)."""
+        if name not in self.memo:
+            self.memo[name] = make()
+        return self.memo[name]
 
     def path(self, name: str) -> Path:
         return self.run_dir / name
@@ -108,20 +124,25 @@ def return_freed_memory() -> None:
 
 # ---------------------------------------------------------------- atomic writes
 
+def tmp_name(path: Path, suffix: str = "") -> Path:
+    """A temporary sibling of `path` private to this process (two attempts never share one)."""
+    return path.with_name(f"{path.name}.tmp{os.getpid()}{suffix}")
+
+
 def save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
+    tmp = tmp_name(path, ".npy")
     np.save(tmp, array)
     os.replace(tmp, path)
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = tmp_name(path, ".npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
 def save_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_name(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
 
@@ -160,7 +181,7 @@ def read_index(path: Path, mmap: bool = False):
 def write_index(index, path: Path) -> None:
     import faiss
 
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_name(path)
     faiss.write_index(index, str(tmp))
     os.replace(tmp, path)
 
@@ -182,6 +203,11 @@ def run_stage(run: Run, name: str, key_parts: dict, outputs: list[str], body: Ca
     save_json(run.path("stages.json"), run.stages)
     tqdm.write(f"[{name}] done in {time.time() - t0:.1f} s")
     return key
+
+
+def stage_shards(run: Run, stage: str, key: str, folder: str, suffix: str = ".npz") -> Shards:
+    """The stage's shard folder, opened once per process (its saved-shard count drives the fault hooks)."""
+    return run.cached(("shards", folder, key), lambda: Shards(run.path(folder), key, suffix, stage=stage))
 
 
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -218,13 +244,18 @@ class Shards:
         self.after_save()
 
     def after_save(self) -> None:
-        """Count a finished shard; fault injection for the kill/resume tests (FAULT_ENV)."""
+        """Count a finished shard; fault injection for the kill/resume tests (FAULT_ENV, WORKER_FAULT_ENV)."""
         self.saved_now += 1
-        fault = os.environ.get(FAULT_ENV, "")
-        if fault:
-            stage, _, count = fault.partition(":")
-            if stage == self.stage and self.saved_now >= int(count or 1):
-                os.kill(os.getpid(), signal.SIGKILL)
+        if not IN_WORKER:
+            driver_fault(self.stage, self.saved_now)
+        elif fault_due(os.environ.get(WORKER_FAULT_ENV, ""), self.stage, self.saved_now):
+            # The marker, in the run directory, makes the fault fire once: the restarted worker goes on.
+            run_dir = next((p for p in (self.folder, *self.folder.parents) if (p / "run_config.json").exists()),
+                           self.folder)
+            marker = run_dir / f"worker_fault_{self.stage}.fired"
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os._exit(1)  # a crash as Ray sees it (not a Python exception): the actor restarts, the task retries
 
     def load(self, i: int) -> dict[str, np.ndarray]:
         return load_npz(self.path(i))
@@ -234,6 +265,24 @@ class Shards:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def fault_due(spec: str, stage: str, saved: int) -> bool:
+    """Whether a fault spec "<stage>[:<n>]" fires after `saved` shards of `stage`."""
+    name, _, count = spec.partition(":")
+    return bool(spec) and name == stage and saved >= int(count or 1)
+
+
+def driver_fault(stage: str, saved: int) -> None:
+    """SIGKILL this (driver) process when FAULT_ENV says so: the kill/resume tests of either executor."""
+    if fault_due(os.environ.get(FAULT_ENV, ""), stage, saved):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_tmp_files(folder: Path) -> None:
+    """Delete temporary files that killed attempts left in `folder` (never a finished output)."""
+    for p in Path(folder).glob("*.tmp*"):
+        p.unlink(missing_ok=True)
 
 
 def concat_shards(shards: Shards, n: int) -> dict[str, np.ndarray]:

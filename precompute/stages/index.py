@@ -1,40 +1,75 @@
 """Stage: train the index once, encode every key once, add the codes (SPEC §2, §5 PQ error).
 
-Map: each shard of keys is `sa_encode`d once; the same codes are `sa_decode`d for the
-per-entry PQ error ||k_i - k̂_i||² and stored with it. Reduce: the codes go into the trained
-index with `add_sa_codes` (bit-identical to `index.add`), so no key is encoded twice.
-The trained, empty index is kept in the shard folder, so a resumed run does not retrain.
+Map (`encode_shard`): each shard of keys is `sa_encode`d once; the same codes are
+`sa_decode`d for the per-entry PQ error ||k_i - k̂_i||² and stored with it. Reduce: the
+codes go into the trained index with `add_sa_codes` (bit-identical to `index.add`), so no
+key is encoded twice. The trained, empty index is kept in the shard folder, so a resumed
+run does not retrain, and Ray workers read it from there.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import faiss
 import numpy as np
 from tqdm import tqdm
 
+from knnlm_core.config import RunConfig
 from knnlm_core.index import add_codes, encode_with_error, train_index
-from precompute.runner import Run, Shards, read_index, save_npz, shard_ranges, write_index
+from precompute.executor import LocalExecutor, Progress, ShardJob, executor_of
+from precompute.runner import Run, Shards, read_index, save_npz, shard_ranges, stage_shards, write_index
+
+TRAINED = "trained.faiss"  # the trained, empty index inside the stage's shard folder
 
 
 def stage_index(run: Run, key: str) -> dict:
     cfg = run.cfg
-    keys = run.keys()
-    shards = Shards(run.path("index.shards"), key, stage="index")
-    index, entry_err, train_s = build_index(keys, cfg.index_factory, cfg.train_size, cfg.seed, cfg.shard_size, shards)
+    run.memo[("keys",)] = keys = run.keys()
+    shards = stage_shards(run, "index", key, "index.shards")
+    index, entry_err, train_s = build_index(keys, cfg.index_factory, cfg.train_size, cfg.seed, cfg.shard_size, shards,
+                                            run)
     write_index(index, run.path("index.faiss"))
     save_npz(run.path("pq.npz"), entry_pq_error=entry_err)
     shards.remove()
+    run.memo.clear()
     return {"index_train_seconds": round(train_s, 2), "index_ntotal": int(index.ntotal),
             "faiss_version": faiss.__version__}
 
 
-def build_index(keys, factory: str, train_size: int, seed: int, shard_size: int,
-                shards: Shards) -> tuple[faiss.Index, np.ndarray, float]:
-    """(filled index, per-entry PQ error (N,) float64, training seconds): train, encode shards, add codes."""
-    trained = shards.folder / "trained.faiss"
+def encode_load(run: Run, job: ShardJob, i: int) -> np.ndarray:
+    """Shard i's keys as float32 (n_i, d): read (and converted) while the previous shard encodes."""
+    keys = run.cached(("keys",), run.keys)
+    lo, hi = shard_ranges(len(keys), run.cfg.shard_size)[i]
+    return np.ascontiguousarray(keys[lo:hi], dtype=np.float32)
+
+
+def encode_shard(run: Run, job: ShardJob, i: int, progress: Progress, block: np.ndarray) -> int:
+    """sa_encode shard i's keys with the trained index; save codes + per-entry PQ error (atomic)."""
+    shards = stage_shards(run, job.stage, job.key, job.folder)
+    if not shards.done(i):  # a retried task whose first attempt had finished counts once
+        index = run.cached(("trained", job.key), lambda: read_index(shards.folder / TRAINED))
+        codes, err = encode_with_error(index, block)
+        shards.save(i, codes=codes, pq_error=err)
+    if progress:
+        progress(len(block))
+    return len(block)
+
+
+def build_index(keys, factory: str, train_size: int, seed: int, shard_size: int, shards: Shards,
+                run: Run | None = None) -> tuple[faiss.Index, np.ndarray, float]:
+    """(filled index, per-entry PQ error (N,) float64, training seconds): train, encode shards, add codes.
+
+    The encode map runs on `run`'s executor; without a run (bench/index.py) on a local one
+    over a bare run that knows only these keys and this shard folder.
+    """
+    if run is None:
+        run = Run(cfg=replace(RunConfig(), shard_size=shard_size), run_dir=shards.folder.parent, run_name="index")
+        run.memo[("keys",)] = keys
+        run.memo[("shards", shards.folder.name, shards.key)] = shards
+        run.executor = LocalExecutor()
+    trained = shards.folder / TRAINED
     t0 = time.time()
     if trained.exists():
         index = read_index(trained)
@@ -43,19 +78,13 @@ def build_index(keys, factory: str, train_size: int, seed: int, shard_size: int,
         index = train_index(keys, factory, train_size, seed)
         write_index(index, trained)
     train_s = time.time() - t0
+    run.memo[("trained", shards.key)] = index  # in-process shards encode with it; Ray workers read trained.faiss
     ranges = shard_ranges(len(keys), shard_size)
     todo = list(shards.todo(len(ranges)))
+    job = ShardJob("index", shards.key, encode_shard, encode_load, folder=shards.folder.name)
     with tqdm(total=len(keys), initial=len(keys) - sum(ranges[i][1] - ranges[i][0] for i in todo),
-              desc="index encode", unit="key", dynamic_ncols=True) as bar, ThreadPoolExecutor(1) as pool:
-        # fp16 -> fp32 conversion of the next shard overlaps faiss's encoding of this one
-        load = lambda i: np.ascontiguousarray(keys[ranges[i][0] : ranges[i][1]], dtype=np.float32)  # noqa: E731
-        nxt = pool.submit(load, todo[0]) if todo else None
-        for j, i in enumerate(todo):
-            block = nxt.result()
-            nxt = pool.submit(load, todo[j + 1]) if j + 1 < len(todo) else None
-            codes, err = encode_with_error(index, block)
-            shards.save(i, codes=codes, pq_error=err)
-            bar.update(len(block))
+              desc="index encode", unit="key", dynamic_ncols=True) as bar:
+        executor_of(run).map(run, job, todo, bar.update)
     entry_err = np.empty(len(keys))
     for i, (lo, hi) in enumerate(ranges):
         part = shards.load(i)

@@ -1,9 +1,10 @@
 """Stage: batched kNN search of every evaluation query and its per-position metrics (SPEC §2, §4).
 
-Map over shards of queries (each searched in batches of `search_batch`); reduce
-concatenates the shards into `search.npz`. The faiss search dominates; everything after
-it (values, exact distances, p_kNN, top tokens, query PQ error) runs in a worker thread
-on batch i while faiss searches batch i + 1, with the heavy parts vectorised in torch.
+Map (`search_shard`) over shards of queries (each searched in batches of `search_batch`;
+on Ray workers the index is memory-mapped); reduce concatenates the shards into
+`search.npz`. The faiss search dominates; everything after it (values, exact distances,
+p_kNN, top tokens, query PQ error) runs in a worker thread on batch i while faiss searches
+batch i + 1, with the heavy parts vectorised in torch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from tqdm import tqdm
 from knnlm_core.config import RunConfig
 from knnlm_core.index import reconstruction_error, search, set_nprobe
 from knnlm_core.knn import PAD, p_knn_from_weights, softmax_weights, target_stats
-from precompute.runner import Run, RunError, Shards, concat_shards, load_npy, read_index, save_npz, shard_ranges
+from precompute import runner
+from precompute.executor import Progress, ShardJob, executor_of
+from precompute.runner import Run, RunError, concat_shards, load_npy, read_index, save_npz, shard_ranges, stage_shards
 
 KNN_TOP = 10  # kNN top predictions stored per position
 
@@ -132,18 +135,34 @@ def search_range(index, keys, values: np.ndarray, queries: np.ndarray, targets: 
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
+def search_inputs(run: Run, mmap: bool) -> dict:
+    """What every search shard reads: index (nprobe set; memory-mapped in workers), keys, values, queries, targets."""
+    index = open_index(run, mmap)
+    set_nprobe(index, run.cfg.nprobe)
+    return {"index": index, "keys": run.keys(), "values": run.values(),
+            "queries": load_npy(run.path("queries.npy"), (run.info["n_eval"], run.info["dim"]), np.float16),
+            "targets": np.asarray(load_npy(run.path("eval_ids.npy")))[1:].astype(np.int64)}
+
+
+def search_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None) -> int:
+    """Search shard i's queries and save their per-position results (atomic); returns its query count."""
+    inputs = run.cached(("search", job.key), lambda: search_inputs(run, mmap=runner.IN_WORKER))
+    lo, hi = shard_ranges(len(inputs["targets"]), run.cfg.shard_size)[i]
+    shards = stage_shards(run, "search", job.key, "search.shards")
+    if shards.done(i):  # a retried task whose first attempt had finished counts once
+        return hi - lo
+    shards.save(i, **search_range(inputs["index"], inputs["keys"], inputs["values"], inputs["queries"],
+                                  inputs["targets"], run.cfg, lo, hi, progress))
+    return hi - lo
+
+
 def stage_search(run: Run, key: str) -> dict:
-    cfg = run.cfg
-    keys, values = run.keys(), run.values()
-    index = open_index(run)
-    set_nprobe(index, cfg.nprobe)
-    queries = load_npy(run.path("queries.npy"), (run.info["n_eval"], run.info["dim"]), np.float16)
-    targets = np.asarray(load_npy(run.path("eval_ids.npy")))[1:].astype(np.int64)
-    ranges = shard_ranges(len(targets), cfg.shard_size)
-    shards = Shards(run.path("search.shards"), key, stage="search")
-    with tqdm(total=len(targets), desc="search", unit="query", dynamic_ncols=True) as bar:
-        for i in shards.todo(len(ranges)):
-            shards.save(i, **search_range(index, keys, values, queries, targets, cfg, *ranges[i], bar.update))
+    inputs = run.cached(("search", key), lambda: search_inputs(run, mmap=False))
+    ranges = shard_ranges(len(inputs["targets"]), run.cfg.shard_size)
+    shards = stage_shards(run, "search", key, "search.shards")
+    with tqdm(total=len(inputs["targets"]), desc="search", unit="query", dynamic_ncols=True) as bar:
+        executor_of(run).map(run, ShardJob("search", key, search_shard), shards.todo(len(ranges)), bar.update)
+    run.memo.clear()
     save_npz(run.path("search.npz"), **concat_shards(shards, len(ranges)))
     shards.remove()
     return {}
