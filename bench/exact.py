@@ -1,9 +1,9 @@
 """Benchmark: exact-search throughput of the exact stage (SPEC §8) vs one `faiss.IndexFlatL2`.
 
-* streamed -- `precompute.exact.exact_knn_with_dists` as the exact stage calls it: the fp16
-  keys are read in blocks of 262,144, converted to float32 and searched per block, the
-  per-block top-k merged in a `faiss.ResultHeap` (keys never held whole in float32);
-  the fp16 -> fp32 conversion is inside the timing.
+* stage -- `precompute.exact.exact_knn_with_dists` as the exact stage calls it: keys that
+  fit 2 GiB in float32 are converted once per stage (`resident_keys`, timed separately and
+  also reported amortised over the benchmark's queries); larger key sets are streamed in
+  2 GiB float32 blocks whose per-block top-k are merged in a `faiss.ResultHeap`.
 * flat -- ONE `faiss.IndexFlatL2` holding every key in float32 (built before timing, so the
   conversion is not timed), searched once for the same queries and k: the floor of any
   brute-force search on this machine, but it needs N x d x 4 bytes of RAM.
@@ -80,7 +80,12 @@ def main() -> None:
     flat = faiss.IndexFlatL2(d)
     for start in range(0, n, 262144):
         flat.add(np.ascontiguousarray(keys[start : start + 262144], dtype=np.float32))
-    streamed = lambda: exact_knn_with_dists(q, keys, args.k, "cpu")  # noqa: E731
+    from precompute.stages.exact import resident_keys
+
+    t0 = time.perf_counter()
+    resident = resident_keys(keys)  # what the exact stage does once per stage when the keys fit 2 GiB
+    t_convert = time.perf_counter() - t0
+    streamed = lambda: exact_knn_with_dists(q, resident, args.k, "cpu")  # noqa: E731
     reference = lambda: flat.search(q, args.k)  # noqa: E731
     small = q[: max(1, len(q) // 20)]
     exact_knn_with_dists(small, keys, args.k, "cpu"), flat.search(small, args.k)  # warm-up
@@ -89,8 +94,10 @@ def main() -> None:
     d_f, i_f = reference()
     same = float((np.sort(i_s, 1) == np.sort(i_f, 1)).mean())
     print(f"flat (IndexFlatL2, all keys fp32 in RAM): {len(q) / t_flat:8.1f} queries/s")
-    print(f"streamed (exact stage, fp16 blocks)     : {len(q) / t_streamed:8.1f} queries/s   "
+    print(f"exact stage's search                    : {len(q) / t_streamed:8.1f} queries/s   "
           f"ratio {t_flat / t_streamed:.2f}x  (same neighbour sets: {same:.4%})")
+    print(f"  + its one-off fp16 -> fp32 conversion ({t_convert:.1f} s, once per stage): over these {len(q):,} "
+          f"queries {len(q) / (t_streamed + t_convert):.1f} queries/s, ratio {t_flat / (t_streamed + t_convert):.2f}x")
     if args.device == "cuda":
         import torch
 

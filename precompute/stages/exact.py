@@ -17,6 +17,7 @@ from tqdm import tqdm
 from knnlm_core.config import RunConfig
 from knnlm_core.index import search, set_nprobe
 from knnlm_core.knn import p_knn_from_weights, recall_at, softmax_weights, target_stats
+from knnlm_core.metrics import EXACT_BLOCK_BYTES
 from precompute.exact import exact_knn_with_dists
 from precompute.runner import Run, Shards, concat_shards, load_npy, save_npz, shard_ranges
 from precompute.stages.search import neighbour_sq_dists, open_index
@@ -75,6 +76,18 @@ def exact_range(index, keys, values: np.ndarray, queries, targets: np.ndarray, c
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
+def resident_keys(keys):
+    """The keys as one float32 array when they fit one exact-search block (converted once for the
+    whole stage, not once per block of queries), else the fp16 store itself (streamed per pass)."""
+    n, d = keys.shape
+    if n * d * 4 > EXACT_BLOCK_BYTES:
+        return keys
+    out = np.empty((n, d), dtype=np.float32)
+    for a in range(0, n, 262144):
+        out[a : a + 262144] = keys[a : a + 262144]
+    return out
+
+
 def stage_exact(run: Run, key: str) -> dict:
     cfg = run.cfg
     keys, values = run.keys(), run.values()
@@ -85,6 +98,8 @@ def stage_exact(run: Run, key: str) -> dict:
     ranges = shard_ranges(len(targets), cfg.shard_size)
     shards = Shards(run.path("exact.shards"), key, stage="exact")
     done = sum(hi - lo for i, (lo, hi) in enumerate(ranges) if shards.done(i))
+    if done < len(targets) and run.info["device"] != "cuda":
+        keys = resident_keys(keys)  # float32 values equal the fp16 ones: results are unchanged
     with tqdm(total=len(targets), initial=done, desc="exact search", unit="query", dynamic_ncols=True) as bar:
         for i in shards.todo(len(ranges)):
             shards.save(i, **exact_range(index, keys, values, queries, targets, cfg, *ranges[i],
