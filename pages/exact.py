@@ -45,7 +45,7 @@ c1.plotly_chart(figures.lines_by_bin(
 c2.plotly_chart(figures.bin_bars(
     df, {"share_explained_by_distances": "PQ distances", "share_explained_by_neighbours": "IVFPQ neighbours",
          "share_explained_by_quantization": "both"},
-    "Share of kNN-LM's effect on the bin explained by approximate search", "share of Δ mean NLL", percent=True))
+    "kNN-LM effect explained by approximate search", "share of Δ mean NLL", percent=True))
 recall_cols = {f"recall_{r}": f"recall@{r}" for r in (16, 64, 1024) if f"recall_{r}" in df}
 c1.plotly_chart(figures.bin_bars(df, recall_cols, "Recall of the index's neighbours vs exact search", "recall",
                                  percent=True))
