@@ -81,8 +81,12 @@ def contamination_from_neighbors(type_ids: np.ndarray, nbr_values: np.ndarray, m
 def exact_knn(
     queries: np.ndarray, keys: np.ndarray, k: int, progress: Callable[[int], None] | None = None
 ) -> np.ndarray:
-    """Ids (Q, k) of the exact k nearest keys (squared L2) of each query, streaming key blocks."""
-    return exact_knn_with_dists(queries, keys, k, progress)[1]
+    """Ids (Q, k) of the exact k nearest keys (squared L2) of each query, streaming key blocks.
+
+    Blocks of 262,144 keys: contamination calls this beside the types stage's other arrays,
+    whose peak RSS was measured with blocks of that size.
+    """
+    return exact_knn_with_dists(queries, keys, k, progress, block_bytes=262144 * 4 * keys.shape[1])[1]
 
 
 EXACT_BLOCK_BYTES = 2 << 30  # float32 key block of the exact search: 2 GiB (2.8M keys at d = 192)

@@ -259,28 +259,12 @@ def check_neighbors(nb: pd.DataFrame, ref: dict, pos: np.ndarray, q: np.ndarray,
     return checks
 
 
-def brute_force_knn(keys, q: np.ndarray, k: int, block: int = 131072) -> tuple[np.ndarray, np.ndarray]:
-    """(squared distances (S, k) float64 ascending, ids (S, k)) by a float64 numpy scan over key blocks."""
-    q64 = q.astype(np.float64)
-    best_d = np.full((len(q), 0), np.inf)
-    best_i = np.zeros((len(q), 0), dtype=np.int64)
-    for start in range(0, len(keys), block):
-        kb = np.asarray(keys[start : start + block], dtype=np.float64)
-        d2 = (q64 * q64).sum(1)[:, None] - 2 * q64 @ kb.T + (kb * kb).sum(1)[None, :]
-        cat_d = np.concatenate([best_d, d2], axis=1)
-        cat_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(kb)), d2.shape)], axis=1)
-        kk = min(k, cat_d.shape[1])
-        top = np.argpartition(cat_d, kk - 1, axis=1)[:, :kk]
-        top = np.take_along_axis(top, np.argsort(np.take_along_axis(cat_d, top, 1), axis=1, kind="stable"), 1)
-        best_d, best_i = np.take_along_axis(cat_d, top, 1), np.take_along_axis(cat_i, top, 1)
-    return best_d, best_i
-
-
 def check_exact(ev: pd.DataFrame, xn: pd.DataFrame, pos: np.ndarray, q: np.ndarray, keys, values: np.ndarray,
                 ivf_ids: np.ndarray, run: pd.Series) -> list[Check]:
     """SPEC §8 columns of the sampled positions against a float64 brute force and the re-searched index."""
     k, tau, s = int(run["k"]), float(run["temperature"]), int(run["store_neighbors"])
-    d2, ids = brute_force_knn(keys, q, k)
+    ids, d2 = nearest_entries(keys, q, k)  # float64 re-ranked brute force (k + 32 candidates)
+    ids, d2 = ids[:, :k], d2[:, :k]
     sub = ev.iloc[pos]
     y = sub["token_id"].to_numpy()
     nbr = values[ids]

@@ -118,3 +118,16 @@ def fresh_run(tmp_path, tiny_run) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(tiny_run, dst)
     return dst
+
+
+@pytest.fixture
+def runs_env(runs_root, monkeypatch):
+    """Point the app at the test runs and start from empty streamlit caches (AppTest tests)."""
+    import streamlit as st
+
+    monkeypatch.setenv("KNNLM_RUNS_DIR", str(runs_root))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield runs_root
+    st.cache_data.clear()
+    st.cache_resource.clear()

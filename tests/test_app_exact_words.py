@@ -8,39 +8,20 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-import pytest
 import streamlit as st
 from conftest import build_tiny_run
 from streamlit.testing.v1 import AppTest
+from test_app_pages import _texts
+from test_app_pages import open_page as open_any_page
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
-@pytest.fixture
-def runs_env(runs_root, monkeypatch):
-    monkeypatch.setenv("KNNLM_RUNS_DIR", str(runs_root))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield runs_root
-    st.cache_data.clear()
-    st.cache_resource.clear()
-
-
 def open_page(page: str, run: str = "tiny", **params) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params["run"] = run
-    at.run()
-    at.switch_page(f"pages/{page}.py")
-    for key, value in params.items():
-        at.query_params[key] = str(value)
-    at.run()
-    assert not at.exception, [e.message for e in at.exception]
+    """test_app_pages.open_page, also requiring that the page shows no error box."""
+    at = open_any_page(page, run, **params)
     assert not at.error, [e.value for e in at.error]
     return at
-
-
-def _texts(at: AppTest) -> str:
-    return " ".join(str(e.value) for kind in (at.markdown, at.caption, at.info, at.warning) for e in kind)
 
 
 def _table(run_dir: Path, sql: str):

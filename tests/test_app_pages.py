@@ -17,17 +17,6 @@ from knnlm_core import store
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
-@pytest.fixture
-def runs_env(runs_root, monkeypatch):
-    """Point the app at the test runs and start from empty streamlit caches."""
-    monkeypatch.setenv("KNNLM_RUNS_DIR", str(runs_root))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield runs_root
-    st.cache_data.clear()
-    st.cache_resource.clear()
-
-
 def open_page(page: str, run: str = "tiny", **params) -> AppTest:
     """Run app.py, switch to pages/<page>.py with URL params, and return the finished AppTest."""
     at = AppTest.from_file(APP, default_timeout=30)

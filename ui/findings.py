@@ -94,15 +94,23 @@ def hit_below_half(df: pd.DataFrame, k: int, hi_bin: int, run_k: int) -> Finding
     return Finding(claim, ok, numbers, note)
 
 
+def _harmed_rare_bins(claim: str, exact: pd.DataFrame | None) -> pd.DataFrame | Finding:
+    """The rare bins whose PPL the index's kNN-LM raises, or the Finding saying why there are none."""
+    if exact is None or exact.empty:
+        return Finding(claim, None, "no exact search", "Not measured: the run has no exact-search comparison.")
+    rare = _bins(exact, 0, RARE_BIN_MAX)
+    harmed = rare[rare["ppl_ivf_pq"] > rare["ppl_lm"]]
+    if harmed.empty:
+        return Finding(claim, None, "no harmed rare bin", "Not evaluable: kNN-LM harms no rare bin on this run.")
+    return harmed
+
+
 def quantization_explains_rare_harm(exact: pd.DataFrame | None) -> Finding:
     """In the rare bins that kNN-LM harms (IVFPQ), exact search lowers the kNN-LM perplexity (SPEC §8)."""
     claim = "approximate (PQ) search adds to the rare-bin harm: exact search lowers kNN-LM PPL there"
-    if exact is None or exact.empty:
-        return Finding(claim, None, "no exact search", "Not measured: the run has no exact-search comparison.")
-    harmed = _bins(exact, 0, RARE_BIN_MAX)
-    harmed = harmed[harmed["ppl_ivf_pq"] > harmed["ppl_lm"]]
-    if harmed.empty:
-        return Finding(claim, None, "no harmed rare bin", "Not evaluable: kNN-LM harms no rare bin on this run.")
+    harmed = _harmed_rare_bins(claim, exact)
+    if isinstance(harmed, Finding):
+        return harmed
     numbers = "; ".join(
         f"{r.bin}: {r.ppl_ivf_pq:.1f} (IVFPQ) → {r.ppl_exact:.1f} (exact), explains {_pct(r.share_explained_by_quantization)}"
         for r in harmed.itertuples())
@@ -116,12 +124,9 @@ def quantization_explains_rare_harm(exact: pd.DataFrame | None) -> Finding:
 def crisis_survives_exact(exact: pd.DataFrame | None) -> Finding:
     """With exact search, kNN-LM still raises PPL in the rare bins (quantization is not the whole cause)."""
     claim = "the rare-bin harm survives exact search (PQ is not the whole cause)"
-    if exact is None or exact.empty:
-        return Finding(claim, None, "no exact search", "Not measured: the run has no exact-search comparison.")
-    rare = _bins(exact, 0, RARE_BIN_MAX)
-    harmed = rare[rare["ppl_ivf_pq"] > rare["ppl_lm"]]
-    if harmed.empty:
-        return Finding(claim, None, "no harmed rare bin", "Not evaluable: kNN-LM harms no rare bin on this run.")
+    harmed = _harmed_rare_bins(claim, exact)
+    if isinstance(harmed, Finding):
+        return harmed
     numbers = "; ".join(f"{r.bin}: LM {r.ppl_lm:.1f}, exact kNN-LM {r.ppl_exact:.1f}" for r in harmed.itertuples())
     cured = harmed[harmed["ppl_exact"] <= harmed["ppl_lm"]]
     ok = cured.empty
