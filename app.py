@@ -18,6 +18,7 @@ PAGES = [
     st.Page("pages/neighbors.py", title="Neighbour inspector", icon=":material/hub:", url_path="neighbors"),
     st.Page("pages/exact.py", title="Exact vs PQ", icon=":material/compare:", url_path="exact"),
     st.Page("pages/whatif.py", title="What-if", icon=":material/tune:", url_path="whatif"),
+    st.Page("pages/mitigations.py", title="Mitigations", icon=":material/healing:", url_path="mitigations"),
     st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
 ]
 

@@ -1,17 +1,22 @@
-"""Benchmark: What-if re-scoring time at the full WikiText-2 scale (286k positions x 1024 neighbours).
+"""Benchmark: What-if re-scoring at the full WikiText-2 scale (286,220 positions x 1024 neighbours),
+`whatif.rescore` against the previous implementation (`_rescore_old` below: exp of every neighbour
+distance, float64, blocks on threads), side by side in one process.
 
-Synthetic, seeded arrays of the shape a full run stores: ascending float32 squared L2
-distances (PQ and exact), Zipf-distributed int32 neighbour values, targets that match about
-5-10 % of the neighbours, p_LM and the run's p_kNN. Timed, in this order:
-* prepare -- `whatif.from_arrays` (τ-independent work done once per run load: missing
-  neighbours, the (T, k) target-match mask);
-* cold -- the first `whatif.rescore` call of the process (k = 1024, τ = 10, pq);
-* warm -- further calls with other τ / source (each a full re-score, no cache);
-* λ only -- λ p_kNN + (1 − λ) p_LM from the run's own p_kNN (no neighbours);
-* oracle -- the per-frequency-bin λ grid search (101 values) on T positions.
-A slice of rows is checked against a direct float64 reference (knnlm_core.knn.p_knn_of).
-Wall time depends on what else runs on the machine: the process CPU time of each call is
-printed too (CPU / threads = the wall time on that many free cores).
+Synthetic, seeded arrays of the shape a run storing all k neighbours holds (the side file
+`neighbors_all.parquet`): ascending float32 squared L2 distances (PQ; exact = PQ + noise, not sorted),
+log-uniform (Zipf-like) int32 neighbour values, targets matching about 5-10 % of the neighbours,
+p_LM, and the run's p_kNN computed like the search stage (float64 `knn.softmax_weights` +
+`knn.p_knn_from_weights`, k = 1024, τ = 10, pq). Timed, in this order:
+* prepare -- `whatif.from_arrays` (missing neighbours, the (T, k) target-match mask);
+* cold -- the first call of each side (new: includes building the cached τ-independent group
+  summaries of the pq distances and the target-neighbour list);
+* warm -- further calls with other τ / source, new and old alternating (a first `exact` call of
+  the new side is cold for that source and is labelled so);
+* idf -- IDF-weighted p_kNN (new: cold for the weights, then warm);
+* λ only, oracle per-bin λ.
+Checks: at the run's k, τ, source the re-scored PPL (λ = 0.25) against the run's, and each position's
+p_kNN against the run's; every new result against the old one. Wall time depends on what else runs on
+the machine: compare the two sides of one run; process CPU seconds are printed too.
 
     python bench/whatif.py
     python bench/whatif.py --positions 20000 --threads 1
@@ -23,6 +28,7 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,25 +39,79 @@ import numpy as np  # noqa: E402
 from bench.common import DefaultsHelp  # noqa: E402
 from knnlm_core import knn, whatif  # noqa: E402
 
+RUN_TAU, RUN_LAM = 10.0, 0.25  # the synthetic run's own τ and λ (pq distances, all k)
 
-def synthetic(t: int, k: int, vocab: int, seed: int) -> whatif.StoredNeighbours:
+
+def synthetic(t: int, k: int, vocab: int, seed: int, threads: int) -> whatif.StoredNeighbours:
     """Seeded arrays of a run storing all k neighbours of t positions (generated in blocks)."""
     rng = np.random.default_rng(seed)
     dq = np.empty((t, k), np.float32)  # (T, k) ascending PQ distances
     vals = np.empty((t, k), np.int32)  # (T, k)
-    targets = (rng.zipf(1.2, t) % vocab).astype(np.int32)  # (T,)
+    targets = (vocab ** rng.random(t) - 1).astype(np.int32)  # (T,) log-uniform token ids
     for lo in range(0, t, 8192):
         r = min(8192, t - lo)
         base = rng.uniform(20.0, 60.0, (r, 1)).astype(np.float32)
-        dq[lo : lo + r] = base + np.cumsum(rng.exponential(0.05, (r, k)).astype(np.float32), axis=1)
-        v = (rng.zipf(1.2, (r, k)) % vocab).astype(np.int32)
+        dq[lo : lo + r] = base + np.cumsum(0.05 * rng.standard_exponential((r, k), dtype=np.float32), axis=1)
+        v = (vocab ** rng.random((r, k), dtype=np.float32) - 1).astype(np.int32)
         hit = rng.random((r, k), dtype=np.float32) < 0.05
         vals[lo : lo + r] = np.where(hit, targets[lo : lo + r, None], v)
     de = dq + rng.normal(0.0, 0.5, (1, k)).astype(np.float32)  # exact: not sorted
+    p_knn = np.zeros(t)  # (T,) the run's own p_kNN, as the search stage computes it
+
+    def run_block(lo: int, hi: int) -> None:
+        w, _ = knn.softmax_weights(dq[lo:hi], RUN_TAU, vals[lo:hi])
+        p_knn[lo:hi] = knn.p_knn_from_weights(w, vals[lo:hi], targets[lo:hi])
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda lo: run_block(lo, min(lo + 4096, t)), range(0, t, 4096)))
     p_lm = rng.uniform(1e-4, 0.5, t)
-    p_knn = rng.uniform(0.0, 1.0, t)
     freq_bin = rng.integers(-1, 7, t).astype(np.int16)
-    return whatif.from_arrays(vals, dq, de, targets, p_lm, p_knn, freq_bin, np.ones(vocab, np.int64))
+    type_freq = rng.integers(1, 1000, vocab).astype(np.int64)
+    return whatif.from_arrays(vals, dq, de, targets, p_lm, p_knn, freq_bin, type_freq)
+
+
+def _rescore_old(data: whatif.StoredNeighbours, k: int, tau: float, source: str = "pq",
+                 idf_weights: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """The previous `whatif.rescore` (kept for comparison): per row Σ_match w_j / Σ_j w_j with
+    w_j = exp(-(d_j - min d) / tau) for all k neighbours, float64, blocks of 256 rows on threads."""
+    rows = 256
+    dists = data.dists_pq if source == "pq" else data.dists_exact  # (T, S) float32, inf = missing
+    t = len(data.targets)
+    out = np.zeros(t)  # (T,)
+    n = max(1, min(threads or min(os.cpu_count() or 1, 8), -(-t // rows)))
+    spans = [(i * t // n, (i + 1) * t // n) for i in range(n)]
+
+    def work(span: tuple[int, int]) -> None:
+        buf = np.empty((rows, k))  # (rows, k) float64 weights of one block
+        for lo in range(span[0], span[1], rows):
+            hi = min(lo + rows, span[1])
+            out[lo:hi] = _block_old(dists[lo:hi, :k], data.match[lo:hi, :k], data.nbr_values[lo:hi, :k],
+                                    tau, idf_weights, buf[: hi - lo])
+
+    if n == 1:
+        work(spans[0])
+    else:
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(work, spans))
+    return out
+
+
+def _block_old(d: np.ndarray, match: np.ndarray, vals: np.ndarray, tau: float, idf_w: np.ndarray | None,
+               buf: np.ndarray) -> np.ndarray:
+    """p_kNN(target) (r,) of one block: d (r, k) float32 (inf = missing), match (r, k) bool."""
+    low = d.min(axis=1).astype(np.float64)  # (r,) shift: the largest weight of a row is exp(0) = 1
+    low[~np.isfinite(low)] = 0.0  # a row without neighbours: every weight stays exp(-inf) = 0
+    np.multiply(d, -1.0 / tau, out=buf, dtype=np.float64)
+    np.add(buf, (low / tau)[:, None], out=buf)
+    np.exp(buf, out=buf)  # (r, k) w_j
+    if idf_w is not None:
+        buf *= idf_w[np.maximum(vals, 0)]  # missing neighbours already weigh 0
+    den = buf.sum(axis=1)
+    num = np.einsum("ij,ij->i", buf, match)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+CPU: list[float] = []  # process CPU seconds of each timed call (all threads)
 
 
 def timed(fn, *args, **kwargs):
@@ -62,49 +122,71 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-CPU: list[float] = []  # process CPU seconds of each timed call (all threads)
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b| / |b| (0 / 0 counts as 0)."""
+    return float(np.max(np.abs(a - b) / np.where(b != 0, np.abs(b), 1.0)))
+
+
+def side_by_side(label: str, data, k: int, tau: float, source: str, threads: int | None,
+                 weights: np.ndarray | None = None) -> tuple[np.ndarray, float, float, float]:
+    """Time new then old on one setting; print both, their ratio and the largest relative difference."""
+    new, t_new = timed(whatif.rescore, data, k, tau, source, weights, threads)
+    c_new = CPU[-1]
+    old, t_old = timed(_rescore_old, data, k, tau, source, weights, threads)
+    diff = rel_diff(new, old)
+    print(f"{label:6s} τ={tau:<4g} {source:5s}{' idf' if weights is not None else '    '}  new {t_new:6.3f} s "
+          f"(CPU {c_new:5.2f})  old {t_old:6.3f} s (CPU {CPU[-1]:5.2f})  old/new {t_old / t_new:5.2f}x  "
+          f"max rel diff {diff:.1e}")
+    return new, t_new, t_old, diff
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelp)
-    ap.add_argument("--positions", type=int, default=286_000, help="T evaluation positions")
+    ap.add_argument("--positions", type=int, default=286_220, help="T evaluation positions")
     ap.add_argument("--k", type=int, default=1024, help="neighbours per position (all stored)")
     ap.add_argument("--vocab", type=int, default=50_257)
     ap.add_argument("--threads", type=int, default=None, help="re-scoring threads (default: all CPUs, <= 8)")
-    ap.add_argument("--warm", type=int, default=4, help="warm calls")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    n_threads = args.threads or min(os.cpu_count() or 1, 8)
 
     t0 = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
-    raw = synthetic(args.positions, args.k, args.vocab, args.seed)
-    print(f"generated {args.positions:,} x {args.k} in {time.perf_counter() - t0:.1f} s; "
-          f"CPUs {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
+    raw = synthetic(args.positions, args.k, args.vocab, args.seed, n_threads)
+    print(f"generated {args.positions:,} x {args.k} in {time.perf_counter() - t0:.1f} s; CPUs {os.cpu_count()}, "
+          f"threads {n_threads}, load average {os.getloadavg()[0]:.2f}")
     data, t_prep = timed(whatif.from_arrays, raw.nbr_values, raw.dists_pq, raw.dists_exact, raw.targets, raw.p_lm,
                          raw.p_knn_run, raw.freq_bin, raw.type_freq)
     del raw
-    print(f"prepare (once per load)  {t_prep:7.3f} s   match rate {data.match.mean():.3f}")
-    p, t_cold = timed(whatif.rescore, data, args.k, 10.0, "pq", threads=args.threads)
-    print(f"cold  rescore τ=10 pq    {t_cold:7.3f} s   (CPU {CPU[-1]:.3f} s)")
-    warm = []
-    settings = [(5.0, "pq"), (20.0, "exact"), (10.0, "pq"), (2.5, "exact"), (40.0, "pq"), (7.5, "pq")]
-    for tau, source in settings[: args.warm]:
-        _, dt = timed(whatif.rescore, data, args.k, tau, source, threads=args.threads)
-        warm.append(dt)
-        print(f"warm  rescore τ={tau:<4g} {source:5s} {dt:7.3f} s   (CPU {CPU[-1]:.3f} s)")
-    n_threads = args.threads or min(os.cpu_count() or 1, 8)
-    cpu = float(np.median(CPU[-len(warm):]))
-    print(f"warm  best {min(warm):.3f} s, median {float(np.median(warm)):.3f} s  (goal <= 2 s); median CPU {cpu:.3f} s "
-          f"on {n_threads} threads = {cpu / n_threads:.3f} s wall on {n_threads} uncontended cores; "
-          f"load average now {os.getloadavg()[0]:.2f}")
+    print(f"prepare (once per load)  {t_prep:6.3f} s   match rate {data.match.mean():.3f}")
+
+    # cold: first call of each side (new builds its pq summaries and the target list here)
+    p_run, t_cold, t_cold_old, d_cold = side_by_side("cold", data, args.k, RUN_TAU, "pq", args.threads)
+    ppl_run = whatif.overall_ppl(whatif.interpolate(data, RUN_LAM))
+    ppl_new = whatif.overall_ppl(whatif.interpolate(data, RUN_LAM, p_run))
+    print(f"  at the run's k, τ, source: PPL rel diff {abs(ppl_new / ppl_run - 1):.1e} (goal <= 1e-9), "
+          f"p_kNN per position max rel diff {rel_diff(p_run, data.p_knn_run):.1e}")
+
+    warm, diffs, seen = [], [d_cold], {"pq"}
+    for tau, source in [(5.0, "pq"), (20.0, "exact"), (2.5, "exact"), (40.0, "pq"), (7.5, "pq"), (0.5, "pq")]:
+        label = "warm" if source in seen else "cold"  # the first exact call builds the exact summaries
+        seen.add(source)
+        _, t_new, t_old, diff = side_by_side(label, data, args.k, tau, source, args.threads)
+        diffs.append(diff)
+        if label == "warm":
+            warm.append((t_new, t_old))
+    weights = whatif.idf(data.type_freq, 100 * args.positions)
+    for label in ("cold", "warm"):
+        diffs.append(side_by_side(label, data, args.k, 5.0 if label == "warm" else RUN_TAU, "pq", args.threads,
+                                  weights)[3])
+    new_w, old_w = np.array(warm).T
+    print(f"cold  new {t_cold:.3f} s, old {t_cold_old:.3f} s, old/new {t_cold_old / t_cold:.2f}x")
+    print(f"warm  new median {np.median(new_w):.3f} s (max {new_w.max():.3f}), old median {np.median(old_w):.3f} s, "
+          f"old/new {np.median(old_w) / np.median(new_w):.2f}x (goal <= 2 s); largest new vs old rel diff "
+          f"{max(diffs):.1e}; load average now {os.getloadavg()[0]:.2f}")
     _, t_lam = timed(whatif.interpolate, data, 0.3)
-    print(f"λ only (run's p_kNN)     {t_lam:7.3f} s")
-    _, t_or = timed(whatif.best_lambda_per_bin, data.freq_bin, data.p_lm, p)
-    print(f"oracle per-bin λ (101)   {t_or:7.3f} s")
-    rows = np.sort(rng.choice(args.positions, 2000, replace=False))
-    ref = knn.p_knn_of(data.dists_pq[rows], np.where(np.isfinite(data.dists_pq[rows]), data.nbr_values[rows], -1),
-                       data.targets[rows], 10.0)
-    print(f"max |p - reference| on 2,000 rows: {np.abs(p[rows] - ref).max():.2e}")
+    print(f"λ only (run's p_kNN)     {t_lam:6.3f} s")
+    _, t_or = timed(whatif.best_lambda_per_bin, data.freq_bin, data.p_lm, p_run)
+    print(f"oracle per-bin λ (101)   {t_or:6.3f} s")
 
 
 if __name__ == "__main__":

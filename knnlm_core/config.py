@@ -55,6 +55,12 @@ class RunConfig:
     datastore_tokens_from: str = ""
     exact_search: str = "auto"  # SPEC §8 exact search beside the index: on | off | auto (on up to exact_max_entries)
     exact_max_entries: int = 5_000_000  # auto: largest datastore searched exactly (cost ~ n_eval x n_entries x d)
+    # --- mitigations (SPEC §9): evaluated beside the plain run when valid_corpus is set ---
+    valid_corpus: str = ""  # validation text that τ and adaptive λ are fitted on; "" = no mitigations
+    valid_limit_tokens: int = 0  # 0 = whole file
+    whiten: str = "none"  # none | entries | zipfian | "entries,zipfian": whitened indexes built beside the plain one
+    whiten_eps: float = 1e-6  # relative ε: ε = whiten_eps · trace(C) / d (the absolute ε is recorded)
+    adaptive_bins: int = 8  # equal-population bins of the adaptive-λ features (fitted on validation)
     # --- execution ---
     shard_size: int = 131072  # keys / positions / queries per shard: the unit of work and of resume
     seed: int = 0
@@ -80,6 +86,13 @@ class RunConfig:
             (self.max_context == 0 or self.max_context >= 2, "max_context must be 0 (auto) or >= 2"),
             (self.stride >= 0, "stride must be >= 0 (0 = max_context // 2)"),
             (bool(self.model), "model must name a hub model or a local directory"),
+            (all(w in ("entries", "zipfian") for w in self.whiten_kinds) and self.whiten.strip() != "",
+             "whiten must be 'none', 'entries', 'zipfian' or 'entries,zipfian'"),
+            (not self.whiten_kinds or bool(self.valid_corpus),
+             "whiten needs valid_corpus (τ of a whitened index is chosen on it), e.g. "
+             "valid_corpus = \"data/corpora/wikitext2-valid.raw.gz\""),
+            (self.whiten_eps > 0, "whiten_eps must be > 0"),
+            (self.adaptive_bins >= 1, "adaptive_bins must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,6 +103,12 @@ class RunConfig:
     def store_neighbors_effective(self) -> int:
         """Neighbours actually stored: never more than k."""
         return min(self.store_neighbors, self.k)
+
+    @property
+    def whiten_kinds(self) -> tuple[str, ...]:
+        """The whitened variants to build, in the order named ("none" = none)."""
+        parts = [w.strip() for w in self.whiten.split(",") if w.strip()]
+        return () if parts == ["none"] else tuple(dict.fromkeys(parts))
 
     def exact_search_enabled(self, n_entries: int) -> bool:
         """Whether the exact-search stage runs for a datastore of n_entries."""

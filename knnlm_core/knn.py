@@ -128,3 +128,15 @@ def recall_at(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> np.ndarr
     a_keys = np.where(a >= 0, a + offset, -2 - offset)
     at = np.minimum(np.searchsorted(e_keys, a_keys), len(e_keys) - 1)
     return (e_keys[at] == a_keys).sum(axis=1) / k
+
+
+def p_knn_weighted(dists: np.ndarray, nbr_values: np.ndarray, targets: np.ndarray, tau: float,
+                   type_weight: np.ndarray) -> np.ndarray:
+    """p_kNN(target) (Q,) with neighbour j weighing exp(-d_j / tau) · type_weight[v_j], renormalised over
+    the present neighbours (SPEC §9 IDF weighting: type_weight = idf; a weight of 0 drops the neighbour)."""
+    logits = _masked_logits(dists, tau, nbr_values)
+    with np.errstate(divide="ignore"):
+        logits += np.log(np.asarray(type_weight, dtype=np.float64)[np.maximum(nbr_values, 0)])
+    logits[nbr_values == PAD] = -np.inf
+    weights = np.exp(logits - _logsumexp_rows(logits)[:, None])
+    return p_knn_from_weights(weights, nbr_values, targets)

@@ -461,3 +461,108 @@ def word_tokens(cur: duckdb.DuckDBPyConnection, first_pos: int, n_tokens: int) -
     sql = """SELECT pos, token_id, token, freq, freq_bin, p_lm, p_knn, gain FROM eval_tokens
              WHERE pos BETWEEN ? AND ? ORDER BY pos"""
     return add_bin_label(_df(cur, sql, [int(first_pos), int(first_pos) + int(n_tokens) - 1]))
+
+
+# --------------------------------------------------------------------------- mitigations (SPEC §9, issue 10)
+
+MITIGATION_TABLES = ("mitigations", "mitigation_tokens", "adaptive_lambda")
+PLAIN = "plain"  # the variant that is the run itself
+
+
+class MitigationError(ValueError):
+    """A mitigations row that cannot be evaluated (unknown variant, a column that does not exist)."""
+
+
+def _own_tables(cur: duckdb.DuckDBPyConnection) -> set[str]:
+    """Tables and views of the run's own database (not of a database it attaches)."""
+    sql = """SELECT table_name FROM information_schema.tables
+             WHERE table_catalog = current_database() AND table_schema = current_schema()"""
+    return set(_df(cur, sql)["table_name"])
+
+
+def has_mitigations(cur: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the run was built with a validation corpus (all three mitigation tables present)."""
+    return set(MITIGATION_TABLES) <= _own_tables(cur)
+
+
+def mitigation_variants(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """The `mitigations` table, one row per variant, plain first then in stored order."""
+    return _df(cur, "SELECT * EXCLUDE (ord) FROM mitigations ORDER BY variant <> ?, ord", [PLAIN])
+
+
+def adaptive_rules(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """The fitted target-free λ rules: variant, bin, lo, hi, lam, n_valid (ordered)."""
+    return _df(cur, "SELECT variant, bin, lo, hi, lam, n_valid FROM adaptive_lambda ORDER BY variant, bin")
+
+
+def _token_columns(cur: duckdb.DuckDBPyConnection) -> set[str]:
+    """Column names of the run's mitigation_tokens table."""
+    sql = """SELECT column_name FROM information_schema.columns WHERE table_catalog = current_database()
+             AND table_schema = current_schema() AND table_name = 'mitigation_tokens'"""
+    return set(_df(cur, sql)["column_name"])
+
+
+def _ident(name: str) -> str:
+    """A validated column name as a quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _variant_sql(cur: duckdb.DuckDBPyConnection, variant: str) -> tuple[str, str, list]:
+    """(p_kNN expression, λ expression, params) of a variant over `eval_tokens e LEFT JOIN
+    mitigation_tokens m`. Column names come from the mitigations row and must be actual
+    columns of mitigation_tokens (MitigationError otherwise); the variant name is bound."""
+    row = _df(cur, "SELECT p_knn_column, lam_column, lam FROM mitigations WHERE variant = ?", [str(variant)])
+    if row.empty:
+        known = ", ".join(mitigation_variants(cur)["variant"])
+        raise MitigationError(f"unknown mitigation variant {variant!r} (this run has: {known})")
+    p_col, lam_col, lam = (None if pd.isna(v) else v for v in row.iloc[0])
+    cols = _token_columns(cur)
+    for field, name in (("p_knn_column", p_col), ("lam_column", lam_col)):
+        if name is not None and name not in cols:
+            raise MitigationError(
+                f"mitigations row {variant!r}: {field} = {name!r} is not a column of mitigation_tokens "
+                f"(columns: {', '.join(sorted(cols))}); rebuild the run's mitigation stage"
+            )
+    p_knn = "e.p_knn" if p_col is None else f"COALESCE(m.{_ident(p_col)}::DOUBLE, e.p_knn)"
+    if lam_col is not None:
+        return p_knn, f"m.{_ident(lam_col)}::DOUBLE", []
+    if lam is None:
+        raise MitigationError(f"mitigations row {variant!r} has neither a fixed lam nor a lam_column")
+    return p_knn, "?::DOUBLE", [float(lam)]
+
+
+def _variant_positions(cur: duckdb.DuckDBPyConnection, variant: str) -> tuple[str, list]:
+    """SQL (a subquery) of per-position freq_bin, nll_lm, p_knn_v, lam_v, nll_v of a variant, and its params."""
+    p_knn, lam, params = _variant_sql(cur, variant)
+    sql = f"""(SELECT freq_bin, nll_lm, p_knn_v, lam_v, -ln(lam_v * p_knn_v + (1 - lam_v) * p_lm) AS nll_v
+               FROM (SELECT e.freq_bin, e.nll_lm, e.p_lm, {p_knn} AS p_knn_v, {lam} AS lam_v
+                     FROM eval_tokens e LEFT JOIN mitigation_tokens m USING (pos)))"""
+    return sql, params
+
+
+VARIANT_AGGREGATES = """count(*) AS n_tokens, exp(avg(nll_lm)) AS ppl_lm, exp(avg(nll_v)) AS ppl,
+    avg(nll_lm - nll_v) AS mean_gain, avg((nll_v > nll_lm)::DOUBLE) AS share_harmed,
+    avg(p_knn_v) AS mean_p_knn, avg(lam_v) AS mean_lambda"""
+
+
+def variant_bin_summary(cur: duckdb.DuckDBPyConnection, variant: str) -> pd.DataFrame:
+    """Per frequency bin, for one mitigation variant: n_tokens, ppl_lm, ppl (the variant's kNN-LM),
+    mean_gain (nats), share_harmed (variant NLL > LM NLL, i.e. gain < 0), mean_p_knn, mean_lambda."""
+    positions, params = _variant_positions(cur, variant)
+    sql = f"SELECT freq_bin, {VARIANT_AGGREGATES} FROM {positions} GROUP BY freq_bin ORDER BY freq_bin"
+    return add_bin_label(_df(cur, sql, params))
+
+
+def variant_overall(cur: duckdb.DuckDBPyConnection, variant: str) -> dict:
+    """The same totals as variant_bin_summary over all evaluation positions."""
+    positions, params = _variant_positions(cur, variant)
+    return _df(cur, f"SELECT {VARIANT_AGGREGATES} FROM {positions}", params).iloc[0].to_dict()
+
+
+def oracle_bin_summary(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """The ORACLE per-frequency-bin λ (adaptive.oracle_by_bin, an upper bound) per bin, with the
+    columns of variant_bin_summary plus `lam`. Loads three per-position columns (freq_bin, p_lm, p_knn)."""
+    from knnlm_core import mitigations
+
+    ev = _df(cur, "SELECT freq_bin, p_lm, p_knn FROM eval_tokens ORDER BY pos")
+    return mitigations.oracle_summary(ev["freq_bin"].to_numpy(), ev["p_lm"].to_numpy(), ev["p_knn"].to_numpy())

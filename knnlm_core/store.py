@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 SCHEMA_VERSION = 2
@@ -69,6 +70,65 @@ TABLE_ORDER = {
 }
 
 
+# Optional SPEC §9 tables (present when the run has a validation corpus), stored compactly because
+# every block counts in the shipped demo: per-position λ (always a multiple of 0.01) as UTINYINT
+# percent in `mitigation_tokens_data` behind the view `mitigation_tokens` (λ = pct / 100.0, the
+# same double as the grid's i / 100), and the two small tables as views over constant VALUES
+# (no data blocks). Readers see three relations with the columns of docs/SCHEMA.md.
+OPTIONAL_TABLES = ("mitigations", "mitigation_tokens", "adaptive_lambda")
+PERCENT_SUFFIX = "_pct"
+
+
+def _sql_literal(value) -> str:
+    """A value as a DuckDB SQL literal (strings quoted and escaped, NaN / None -> NULL, ±inf typed)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "NULL"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float):
+        return f"'{value!r}'::DOUBLE" if value in (float("inf"), float("-inf")) else f"{value!r}::DOUBLE"
+    return str(int(value))
+
+
+def _values_view(con: duckdb.DuckDBPyConnection, name: str, frame: pd.DataFrame, types: dict[str, str]) -> None:
+    """CREATE VIEW name AS a typed VALUES list of `frame`'s rows (a small constant table, no data blocks)."""
+    rows = ", ".join("(" + ", ".join(_sql_literal(v.item() if hasattr(v, "item") else v) for v in row) + ")"
+                     for row in frame[list(types)].itertuples(index=False))
+    cols = ", ".join(f'"{c}"' for c in types)
+    casts = ", ".join(f'CAST("{c}" AS {t}) AS "{c}"' for c, t in types.items())
+    con.execute(f"CREATE VIEW {name} AS SELECT {casts} FROM (VALUES {rows}) AS t({cols})")
+
+
+MITIGATION_TYPES = {
+    "ord": "INTEGER", "variant": "VARCHAR", "label": "VARCHAR", "family": "VARCHAR", "tau": "DOUBLE",
+    "lam": "DOUBLE", "p_knn_column": "VARCHAR", "lam_column": "VARCHAR", "eps": "DOUBLE", "valid_ppl_lm": "DOUBLE",
+    "valid_ppl": "DOUBLE", "ppl": "DOUBLE", "notes": "VARCHAR",
+}
+RULE_TYPES = {"variant": "VARCHAR", "bin": "INTEGER", "lo": "DOUBLE", "hi": "DOUBLE", "lam": "DOUBLE",
+              "n_valid": "INTEGER"}
+
+
+def write_mitigations(con: duckdb.DuckDBPyConnection, tables: dict[str, pd.DataFrame]) -> None:
+    """The three SPEC §9 relations (see OPTIONAL_TABLES) from their frames."""
+    variants = tables["mitigations"].reset_index(drop=True).assign(ord=lambda f: range(len(f)))
+    _values_view(con, "mitigations", variants, MITIGATION_TYPES)
+    _values_view(con, "adaptive_lambda", tables["adaptive_lambda"], RULE_TYPES)
+    tokens = tables["mitigation_tokens"].copy()
+    lam_cols = [c for c in tokens.columns if c.startswith("lam_")]
+    for c in lam_cols:
+        pct = np.rint(tokens[c].to_numpy(np.float64) * 100)
+        if not np.array_equal(pct / 100.0, tokens[c].to_numpy(np.float64)) or pct.min() < 0 or pct.max() > 100:
+            raise ValueError(f"mitigation_tokens.{c} holds a λ off the 0.01 grid; store it as REAL instead")
+        tokens[c + PERCENT_SUFFIX] = pct.astype(np.uint8)
+    data = tokens.drop(columns=lam_cols)  # noqa: F841 (read by DuckDB's replacement scan)
+    con.execute("CREATE TABLE mitigation_tokens_data AS SELECT * FROM data ORDER BY pos")
+    keep = ", ".join(f'"{c}"' for c in tokens.columns if c not in lam_cols and not c.endswith(PERCENT_SUFFIX))
+    lams = "".join(f', "{c}{PERCENT_SUFFIX}" / 100.0 AS "{c}"' for c in lam_cols)
+    con.execute(f"CREATE VIEW mitigation_tokens AS SELECT {keep}{lams} FROM mitigation_tokens_data")
+
+
 SHARED_DATASTORE = "shared_ds"  # catalog alias of the run whose datastore_tokens a run shares
 
 
@@ -103,6 +163,8 @@ def write_database(path: Path, tables: dict[str, pd.DataFrame], datastore_from: 
             cols = ", ".join(f'"{c}"' for c in con.execute(f"SELECT * FROM {name} LIMIT 0").fetchdf().columns)
             order_sql = f" ORDER BY {order}" if order else ""
             con.execute(f"INSERT INTO {name} SELECT {cols} FROM frame{order_sql}")
+        if "mitigations" in tables:
+            write_mitigations(con, tables)
         con.execute("CHECKPOINT")
     finally:
         con.close()

@@ -1,7 +1,8 @@
 """What-if: change λ (exact, from the run's own p_kNN), or k, τ and the distance source
-(re-scored from the stored neighbours: exact when all k are stored, labelled approximate
-otherwise), and try two mitigations: the oracle per-bin λ (an upper bound) and an
-IDF-weighted p_kNN (knnlm_core.whatif, SPEC §9)."""
+(re-scored from the stored neighbours, all k of them when the run has neighbors_all.parquet:
+exact when all k are stored, labelled approximate or not available otherwise), and try two
+mitigations: the oracle per-bin λ (an upper bound) and an IDF-weighted p_kNN
+(knnlm_core.whatif, SPEC §9)."""
 
 import pandas as pd
 import streamlit as st
@@ -11,9 +12,15 @@ from ui import cache, figures, widgets
 
 run, info = widgets.current_run()
 st.title("What-if re-scoring")
-data = cache.neighbours(run)
-settings = whatif.run_settings(info, data.n_stored)
+try:
+    data = cache.neighbours(run)
+except ValueError as err:  # a side file that does not match the run
+    widgets.fail(f"Cannot read the stored neighbours of `{run}`: {err}")
+settings = whatif.run_settings(info, data.n_stored, data.sources)
 stored, run_k = settings.n_stored, settings.k
+side = cache.all_neighbours_path(run).is_file()
+st.caption(f"Stored neighbours: {'all' if side else 'the first'} {stored} of the run's k = {run_k} per position "
+           f"({whatif.ALL_NEIGHBOURS if side else 'neighbors table'}; distances: {', '.join(data.sources)}).")
 
 raw_k = st.query_params.get("k")
 if raw_k is not None and raw_k.isdigit() and int(raw_k) > run_k:
@@ -40,7 +47,7 @@ if plan.exact:
 else:
     st.warning(f"p_kNN — {plan.label}. The run's own value (k = {run_k}, τ = {settings.tau:g}): PPL "
                f"{info['ppl_knnlm']:.2f}, per bin in column ppl_knnlm_run.")
-p_knn = data.p_knn_run if plan.runs_own else cache.rescored(run, plan.k_used, tau, source)
+p_knn = data.p_knn_run if plan.k_used == 0 else cache.rescored(run, plan.k_used, tau, source)
 
 use_idf = st.toggle("Also compute the IDF-weighted p_kNN (mitigation experiment)", key="whatif_idf", disabled=fixed)
 best = whatif.best_lambda_per_bin(data.freq_bin, data.p_lm, p_knn)
@@ -63,7 +70,9 @@ lam_vec = whatif.lam_per_position(data.freq_bin, lam_by_bin, lam)
 per_bin = "oracle per-bin λ" if lam_by_bin == best else "per-bin λ (edited)"
 
 variants = {"what-if": whatif.interpolate(data, lam, p_knn), per_bin: whatif.interpolate(data, lam_vec, p_knn)}
-if use_idf:
+if use_idf and source not in data.sources:
+    st.info(f"IDF-weighted p_kNN: the stored neighbours have no {source} distances.")
+elif use_idf:
     k_idf = min(k, stored)
     variants["IDF-weighted"] = whatif.interpolate(data, lam, cache.rescored(run, k_idf, tau, source, use_idf=True))
     st.caption(f"IDF-weighted p_kNN re-scored from {k_idf} stored neighbours per position"

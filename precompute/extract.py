@@ -32,11 +32,13 @@ class _StopForward(Exception):
 
 @dataclass
 class LMOutputs:
-    """Per-position LM results of the owned positions, filled in place: p_lm (n,), top ids / p (n, top)."""
+    """Per-position LM results of the owned positions, filled in place: p_lm (n,), top ids / p (n, top),
+    and the entropy (n,) in nats of the LM's next-token distribution when `entropy` is given."""
 
     p_lm: np.ndarray
     top_ids: np.ndarray
     top_p: np.ndarray
+    entropy: np.ndarray | None = None
 
 
 def shard_windows(windows: list[Window], shard_size: int) -> list[list[Window]]:
@@ -195,3 +197,6 @@ def _score(model, final_hidden: torch.Tensor, ids: np.ndarray, batch: list[Windo
         lm_out.p_lm[rows] = p.cpu().numpy()
         lm_out.top_ids[rows] = indices.cpu().numpy()
         lm_out.top_p[rows] = (values - lse).exp().cpu().numpy()
+        if lm_out.entropy is not None:  # H = lse - Σ p·logit (nats), one more pass over the (c, V) logits
+            p_all = (logits - lse).exp_()
+            lm_out.entropy[rows] = (lse[:, 0] - (p_all * logits).sum(-1)).cpu().numpy()

@@ -22,12 +22,23 @@ from knnlm_core import store
 from knnlm_core.config import RunConfig, resolve_path
 from knnlm_core.corpus import file_sha256, read_text, tokenize_file
 from knnlm_core.index import check_factory
-from precompute.runner import Run, RunError, digest, load_npy, model_source, return_freed_memory, run_stage, save_json
+from precompute.runner import (
+    Run,
+    RunError,
+    digest,
+    load_npy,
+    model_source,
+    return_freed_memory,
+    run_stage,
+    save_json,
+    save_npy,
+)
 from precompute.stages.database import stage_database
 from precompute.stages.datastore import stage_datastore
-from precompute.stages.eval_lm import stage_eval_lm
+from precompute.stages.eval_lm import stage_eval_lm, stage_valid_lm
 from precompute.stages.exact import stage_exact
 from precompute.stages.index import stage_index
+from precompute.stages.mitigate import stage_mitigate
 from precompute.stages.search import stage_search
 from precompute.stages.tokenize import stage_tokenize
 from precompute.stages.types import stage_types
@@ -104,6 +115,9 @@ def write_manifest(run: Run, corpora: dict) -> None:
         "stage_seconds": {name: s["seconds"] for name, s in run.stages.items()},
         "config": cfg.to_dict(),
     }
+    if cfg.valid_corpus:  # SPEC §9: every variant with its chosen τ, ε and PPLs, and the fitted λ rules
+        fitted = json.loads(run.path("mitigations.json").read_text())
+        manifest["mitigations"] = {k: fitted[k] for k in ("valid_corpus", "n_valid", "tau_grid", "variants", "rules")}
     save_json(run.path("manifest.json"), manifest)
 
 
@@ -137,6 +151,29 @@ def model_fingerprint(cfg: RunConfig, run_dir: Path) -> str:
     return fp
 
 
+def mitigation_stages(run: Run, corpora: dict, k_ix: str, k_ev: str, k_se: str, model_key: dict) -> str:
+    """Validation queries (tokenized + forward pass) and the SPEC §9 mitigations; returns the mitigate key."""
+    cfg = run.cfg
+    va_key = {"tokenizer": cfg.tokenizer or cfg.model, "corpus": corpora["valid"], "lm_top": cfg.lm_top, **model_key}
+
+    def valid_lm(key: str) -> dict:
+        ids = tokenize_file(resolve_path(cfg.valid_corpus), run.tokenizer, cfg.valid_limit_tokens or None)
+        if len(ids) < 2:
+            raise RunError(f"valid_corpus {cfg.valid_corpus} has fewer than 2 tokens (choose a longer validation text)")
+        save_npy(run.path("valid_ids.npy"), ids)
+        run.memo.clear()
+        return stage_valid_lm(run, key)
+
+    k_va = run_stage(run, "valid_lm", va_key, ["valid_ids.npy", "valid_queries.npy", "valid_lm.npz",
+                                               "valid_entropy.npy"], valid_lm)
+    return run_stage(run, "mitigate", {"up": [k_ix, k_ev, k_se, k_va], "k": cfg.k, "nprobe": cfg.nprobe,
+                                       "tau": cfg.temperature, "lambda": cfg.lam, "source": cfg.distance_source,
+                                       "whiten": list(cfg.whiten_kinds), "eps": cfg.whiten_eps,
+                                       "bins": cfg.adaptive_bins, "batch": cfg.search_batch, "shard": cfg.shard_size,
+                                       "factory": cfg.index_factory, "train_size": cfg.train_size, "seed": cfg.seed},
+                     ["mitigations.npz", "mitigations.json"], lambda key: stage_mitigate(run, key))
+
+
 def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: str | None = None,
               executor=None) -> Path:
     """Validate, run every stage that is not up to date, and write the manifest. Returns run_dir.
@@ -159,8 +196,11 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     max_context, stride = resolve_windows(cfg, facts["n_positions"])
     device = executor.resolve_device(cfg.device) if executor is not None else resolve_device(cfg.device)
     corpora = {}
-    for role, rel, limit in (("datastore", cfg.datastore_corpus, cfg.datastore_limit_tokens),
-                             ("eval", cfg.eval_corpus, cfg.eval_limit_tokens)):
+    roles = [("datastore", cfg.datastore_corpus, cfg.datastore_limit_tokens),
+             ("eval", cfg.eval_corpus, cfg.eval_limit_tokens)]
+    if cfg.valid_corpus:
+        roles.append(("valid", cfg.valid_corpus, cfg.valid_limit_tokens))
+    for role, rel, limit in roles:
         path = resolve_path(rel)
         read_text(path)  # raises CorpusError if missing, empty or not UTF-8
         corpora[role] = {"path": rel, "sha256": file_sha256(path), "limit_tokens": limit}
@@ -201,7 +241,7 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     k_ds = run_stage(run, "datastore", {"up": k_dtok, **model_key}, ["keys/shards.json", "values.npy"],
                      lambda key: stage_datastore(run, key))
     k_ev = run_stage(run, "eval_lm", {"up": k_etok, "lm_top": cfg.lm_top, **model_key},
-                     ["queries.npy", "eval_lm.npz"], lambda key: stage_eval_lm(run, key))
+                     ["queries.npy", "eval_lm.npz", "eval_entropy.npy"], lambda key: stage_eval_lm(run, key))
     k_ix = run_stage(run, "index", {"up": k_ds, "factory": cfg.index_factory, "train_size": cfg.train_size,
                                     "seed": cfg.seed, "shard": cfg.shard_size}, ["index.faiss", "pq.npz"],
                      lambda key: stage_index(run, key))
@@ -217,8 +257,10 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
                                     "store": cfg.store_neighbors_effective, "batch": cfg.search_batch,
                                     "shard": cfg.shard_size}, ["exact.npz"],
                      lambda key: stage_exact(run, key)) if run.info["exact_search"] else None
+    k_mi = mitigation_stages(run, corpora, k_ix, k_ev, k_se, model_key) if cfg.valid_corpus else None
     k_wo = run_stage(run, "words", {"up": [k_dtok, k_etok]}, ["words.npz"], lambda key: stage_words(run, key))
-    run_stage(run, "database", {"up": [k_se, k_ty, k_ex, k_wo], "lambda": cfg.lam, "name": run.run_name,
+    up = [k_se, k_ty, k_ex, k_wo] + ([k_mi] if k_mi else [])  # runs without mitigations keep their key
+    run_stage(run, "database", {"up": up, "lambda": cfg.lam, "name": run.run_name,
                                 "schema": store.SCHEMA_VERSION, "config": cfg.to_dict()},
               [store.DB_NAME], lambda key: stage_database(run, key))
     # ---- persist

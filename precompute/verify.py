@@ -197,7 +197,7 @@ def search_reference(index, keys, values: np.ndarray, q: np.ndarray, y: np.ndarr
         hits = np.flatnonzero(vrow == target)
         rank.append(hits[0] + 1 if len(hits) else -1)
         n_target.append(len(hits))
-    return {"dist": dist, "ids": ids, "p_knn": np.array(p), "log_z": np.array(log_z), "rank": np.array(rank),
+    return {"dist": dist, "ids": ids, "d_use": d_use, "p_knn": np.array(p), "log_z": np.array(log_z), "rank": np.array(rank),
             "n_target": np.array(n_target)}
 
 
@@ -434,6 +434,9 @@ def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: 
             few = np.arange(min(exact_sample, len(pos)))
             xn = con.execute("SELECT * FROM exact_neighbors WHERE pos = ANY(?)", [pos[few].tolist()]).fetchdf()
             checks += check_exact(ev, xn, pos[few], q[few], keys, values, ref["ids"][few], run)
+        # ---- mitigations (SPEC §9), when the run evaluated them
+        if "mitigations" in {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}:
+            checks += check_mitigations(con, run_dir, ev, run, keys, values, pos, q, ref)
         # ---- word level (SPEC §10)
         checks += check_words(con.execute("SELECT * FROM eval_words ORDER BY word_idx").fetchdf(), ev)
 
@@ -442,6 +445,113 @@ def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: 
         checks += check_types(tt, keys, values, freq, eval_count, index, run, type_sample, rng)
     finally:
         con.close()
+    return checks
+
+
+# ---------------------------------------------------------------- mitigations (SPEC §9)
+
+class _Whitened:
+    """Rows of the keys whitened by (x - mean) @ matrix in float64 as they are read (for search_reference)."""
+
+    def __init__(self, keys, mean: np.ndarray, matrix: np.ndarray):
+        self.keys, self.mean, self.matrix = keys, mean, matrix
+
+    def __getitem__(self, rows):
+        return (np.asarray(self.keys[rows], np.float64) - self.mean) @ self.matrix
+
+
+def whitened_covariance(keys, values: np.ndarray, kind: str, mean: np.ndarray, matrix: np.ndarray,
+                        block: int = 262144) -> np.ndarray:
+    """Covariance (d, d) of the whitened keys: type-weighted over type centroids (zipfian, SPEC §9) or over
+    all entries (entries); the identity when the transform is right. One float64 pass over the keys."""
+    n, d = len(values), keys.shape[1]
+    v = int(values.max()) + 1
+    sums, counts = np.zeros((v, d)), np.bincount(values, minlength=v).astype(np.float64)
+    gram, total = np.zeros((d, d)), np.zeros(d)
+    for lo in range(0, n, block):
+        z = (np.asarray(keys[lo : lo + block], np.float64) - mean) @ matrix
+        if kind == "zipfian":
+            np.add.at(sums, values[lo : lo + block], z)
+        else:
+            gram += z.T @ z
+            total += z.sum(axis=0)
+    if kind == "zipfian":
+        seen = counts > 0
+        mu, p = sums[seen] / counts[seen, None], counts[seen] / n
+        centre = p @ mu
+        return (mu - centre).T @ ((mu - centre) * p[:, None])
+    centre = total / n
+    return gram / n - np.outer(centre, centre)
+
+
+def check_mitigations(con, run_dir: Path, ev: pd.DataFrame, run: pd.Series, keys, values: np.ndarray,
+                      pos: np.ndarray, q: np.ndarray, ref: dict) -> list[Check]:
+    """The mitigation tables against the stage's files, per-variant PPLs, λ rules, and a re-search of every
+    variant's p_kNN on sampled positions (plain neighbours for τ / IDF, each whitened index for whitening)."""
+    variants = con.execute("SELECT * FROM mitigations ORDER BY ord").fetchdf()
+    mt = con.execute("SELECT * FROM mitigation_tokens ORDER BY pos").fetchdf()
+    rules = con.execute("SELECT * FROM adaptive_lambda ORDER BY variant, bin").fetchdf()
+    npz = np.load(run_dir / "mitigations.npz")
+    p_lm, tau_run = ev["p_lm"].to_numpy(), float(run["temperature"])
+    checks = [_equal("mitigation_tokens.pos = eval positions", mt["pos"].to_numpy(), ev["pos"].to_numpy())]
+    for col in mt.columns.drop("pos"):
+        want = npz[col].astype(np.float32) if col.startswith("p_knn") else npz[col]  # p_kNN REAL, λ exact
+        checks.append(_close(f"mitigation_tokens.{col} = mitigations.npz", mt[col], want, 0, 0))
+    checks.append(_close("plain index re-searched by the stage = p_knn", npz["p_knn_plain_rescored"], ev["p_knn"],
+                         1e-6, 1e-4))
+    for _, v in variants.iterrows():
+        p_knn = ev["p_knn"].to_numpy() if not isinstance(v["p_knn_column"], str) else mt[v["p_knn_column"]].to_numpy()
+        lam = mt[v["lam_column"]].to_numpy() if isinstance(v["lam_column"], str) else float(v["lam"])
+        ppl = np.exp(np.mean(-np.log(lam * p_knn.astype(np.float64) + (1 - lam) * p_lm)))
+        checks.append(_close(f"mitigations.ppl of {v['variant']} (from its columns)", v["ppl"], ppl, 0, 1e-5))
+    plain = variants[variants["variant"] == "plain"]
+    checks.append(_close("plain variant ppl = run.ppl_knnlm", plain["ppl"], [run["ppl_knnlm"]], 0, 1e-9))
+    for name, col, feature in (("adaptive-nn", "lam_nn", "nn_dist"), ("adaptive-entropy", "lam_entropy",
+                                                                        "lm_entropy")):
+        r = rules[rules["variant"] == name]
+        x = npz[feature].astype(np.float64)
+        lam = np.full(len(x), np.nan)
+        for _, b in r.iterrows():
+            lam[(x >= b["lo"]) & (x < b["hi"])] = b["lam"]
+        checks.append(_close(f"{col} = adaptive_lambda rule of {feature}", mt[col], lam, 0, 0))
+    # IDF and validation-τ variants from the independent re-search of the plain index (its float64 distances)
+    y = ev["token_id"].to_numpy()[pos]
+    nbr_val = np.where(ref["ids"] >= 0, values[np.maximum(ref["ids"], 0)], -1)
+    d = ref["dist"].astype(np.float64) if run["distance_source"] == "pq" else ref["d_use"]
+    freq = np.bincount(values, minlength=int(max(values.max(), y.max())) + 1)
+    idf = np.log1p(len(values) / np.maximum(freq, 1))
+
+    def p_of(dist, vals, tau, weight=None):
+        logits = np.where(vals >= 0, -dist / tau, -np.inf)
+        w = np.exp(logits - logits.max(axis=1, keepdims=True))
+        if weight is not None:
+            w = w * weight[np.maximum(vals, 0)]
+        return (w * (vals == y[:, None])).sum(axis=1) / w.sum(axis=1)
+
+    cols = set(mt.columns)
+    if "p_knn_idf" in cols:
+        checks.append(_close("p_knn_idf (re-searched, numpy IDF)", mt["p_knn_idf"].to_numpy()[pos],
+                             p_of(d, nbr_val, tau_run, idf), 1e-6, 1e-4))
+    if "p_knn_tau" in cols:
+        tau = float(variants.loc[variants["variant"] == "tau", "tau"].iloc[0])
+        checks.append(_close("p_knn_tau (re-searched at the validation τ)", mt["p_knn_tau"].to_numpy()[pos],
+                             p_of(d, nbr_val, tau), 1e-6, 1e-4))
+    for kind in ("zipfian", "entries"):
+        if f"p_knn_{kind}" not in cols:
+            continue
+        w = np.load(run_dir / f"whiten_{kind}.npz")
+        mean, matrix = w["mean"].astype(np.float64), w["matrix"].astype(np.float64)
+        # Mᵀ (C + εI) M = I with C recomputed here: directions of variance below ε are damped, not blown up
+        cov = whitened_covariance(keys, values, kind, mean, matrix) + float(w["eps"]) * matrix.T @ matrix
+        err = float(np.abs(cov - np.eye(len(cov))).max())
+        checks.append((f"{kind} whitening: Mᵀ(C + εI)M = I", err < 1e-4, f"max |diff| {err:.3g}"))
+        index = faiss.read_index(str(run_dir / f"index_{kind}.faiss"))
+        row = run.copy()
+        row["temperature"] = float(variants.loc[variants["variant"] == kind, "tau"].iloc[0])
+        qw = ((q.astype(np.float64) - mean) @ matrix).astype(np.float32)
+        ref_w = search_reference(index, _Whitened(keys, mean, matrix), values, qw, y, row)
+        checks.append(_close(f"p_knn_{kind} (re-searched over index_{kind}.faiss)",
+                             mt[f"p_knn_{kind}"].to_numpy()[pos], ref_w["p_knn"], 1e-6, 1e-4))
     return checks
 
 

@@ -106,6 +106,18 @@ def runs_root(tmp_path_factory, tiny_model) -> Path:
     return root
 
 
+MITIGATIONS = {"valid_corpus": str(REPO / "data/corpora/wikitext2-train.tokens.gz"), "valid_limit_tokens": 500,
+               "whiten": "zipfian,entries"}
+
+
+@pytest.fixture(scope="session")
+def mitigated_run(tmp_path_factory, tiny_model) -> Path:
+    """A tiny run with the SPEC §9 mitigations (validation pass, IDF, adaptive λ, two whitened indexes),
+    in a runs directory of its own (the AppTest pages that list runs keep seeing `runs_root` alone)."""
+    root = tmp_path_factory.mktemp("mitigated")
+    return build_tiny_run(root / "tiny-mitigated", tiny_model, **MITIGATIONS)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(runs_root) -> Path:
     """Path of a complete real run directory (manifest.json, metrics.duckdb, keys/, ...)."""

@@ -38,6 +38,7 @@ PAGES = {
     "neighbors": "Neighbour inspector",
     "exact": "Exact vs PQ search",
     "whatif": "What-if re-scoring",
+    "mitigations": "Mitigations",
     "compare": "Compare runs",
 }
 

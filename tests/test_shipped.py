@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "data" / "models" / "demo-gpt2"
 DEMO = REPO / "data" / "runs" / "demo"
-PAGES = ["overview", "bins", "tokens", "neighbors", "exact", "whatif", "compare"]
+PAGES = ["overview", "bins", "tokens", "neighbors", "exact", "whatif", "mitigations", "compare"]
 
 needs_model = pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="demo model not built yet")
 needs_demo = pytest.mark.skipif(not (DEMO / "metrics.duckdb").exists(), reason="demo run not built yet")
@@ -38,7 +38,7 @@ def test_data_tracked_in_git_is_at_most_64_mb():
     files = subprocess.run(["git", "ls-files", "-z", "data"], cwd=REPO, capture_output=True, check=True).stdout
     paths = [REPO / p for p in files.decode().split("\0") if p]
     total = sum(p.stat().st_size for p in paths if p.exists())
-    assert total <= 64 * 1024 * 1024, f"data/ in git is {total / 2**20:.1f} MiB"
+    assert total <= 64_000_000, f"data/ in git is {total / 1e6:.2f} MB (the limit is 64 MB)"
 
 
 @needs_model
@@ -160,3 +160,25 @@ def test_shipped_demo_carries_exact_search_and_words():
     same = con.execute("SELECT bool_and(p_knn_ivf_pq = p_knn) FROM eval_tokens").fetchone()[0]
     con.close()
     assert n_exact == n_eval == 19_999 and n_words > 15_000 and same
+
+
+@needs_demo
+def test_demo_carries_the_mitigations():
+    """SPEC §9 on a fresh install: every variant, numbers that reproduce the run's own at its settings."""
+    import duckdb
+
+    con = duckdb.connect(str(DEMO / "metrics.duckdb"), read_only=True)
+    variants = con.execute("SELECT * FROM mitigations ORDER BY ord").df().set_index("variant")
+    ppl_knnlm, lam = con.execute('SELECT ppl_knnlm, "lambda" FROM run').fetchone()
+    ev = con.execute("SELECT e.p_lm, e.p_knn, m.* FROM eval_tokens e JOIN mitigation_tokens m USING (pos) "
+                     "ORDER BY pos").df()
+    con.close()
+    assert list(variants.index) == ["plain", "tau", "idf", "adaptive-nn", "adaptive-entropy", "zipfian", "entries"]
+    assert variants.loc["plain", "ppl"] == ppl_knnlm
+    for name, v in variants.iterrows():
+        p_knn = ev[v["p_knn_column"]].astype(np.float64) if isinstance(v["p_knn_column"], str) else ev["p_knn"]
+        lam_v = ev[v["lam_column"]] if isinstance(v["lam_column"], str) else v["lam"]
+        ppl = math.exp(float(np.mean(-np.log(lam_v * p_knn + (1 - lam_v) * ev["p_lm"]))))
+        assert ppl == pytest.approx(v["ppl"], rel=1e-5), name
+    assert variants.loc["zipfian", "eps"] > 0 and variants.loc["entries", "eps"] > 0
+    assert "validation" in variants.loc["zipfian", "notes"]

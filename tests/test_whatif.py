@@ -1,16 +1,21 @@
 """knnlm_core.whatif: re-scoring from stored neighbours against the run's own p_kNN (a
-real run storing all k neighbours: PPL to 1e-9) and against a per-position loop reference;
-λ-only changes against direct interpolation on the shipped demo; exact / approximate plans."""
+real run storing all k neighbours, from its table and from the side file: PPL to 1e-9), against
+a per-position loop reference and against the previous implementation (bench/whatif.py);
+the side file (round trip, atomic write, row count); λ-only changes against direct
+interpolation on the shipped demo; exact / approximate / not-available plans; the page on a
+run with a side file."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
 
-from knnlm_core import adaptive, store, whatif
+from bench.whatif import _rescore_old
+from knnlm_core import adaptive, knn, store, whatif
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DB = REPO / "data" / "runs" / "demo" / store.DB_NAME
@@ -180,3 +185,275 @@ def test_choose_tau_is_the_grid_minimiser(tiny):
     want = [whatif.overall_ppl(0.25 * _reference(data, 8, t, "exact") + 0.75 * data.p_lm) for t in taus]
     np.testing.assert_allclose(ppl, want, rtol=1e-12)
     assert best == taus[int(np.argmin(want))]
+
+
+def _side_arrays(t: int, k: int, seed: int = 0):
+    """(values, dists_pq, dists_exact) (t, k) as a run writes them: ascending PQ distances, tails padded
+    with value -1 / inf, one position without neighbours, one unknown exact distance."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 1000, (t, k)).astype(np.int32)
+    dq = np.sort(rng.uniform(1.0, 50.0, (t, k)).astype(np.float32), axis=1)
+    de = (dq + rng.normal(0.0, 0.1, (t, k))).astype(np.float32)
+    values[:, -2:][rng.random((t, 2)) < 0.3] = knn.PAD
+    values[1] = knn.PAD
+    dq[values == knn.PAD] = np.inf
+    de[values == knn.PAD] = np.inf
+    de[2, 3] = np.inf
+    return values, dq, de
+
+
+@pytest.fixture
+def run_cursor(tiny_run):
+    con = store.open_readonly(tiny_run / store.DB_NAME)
+    try:
+        yield con.cursor()
+    finally:
+        con.close()
+
+
+def test_side_file_round_trip(run_cursor, tmp_path):
+    cur = run_cursor
+    table = whatif.load_neighbours(cur)
+    values, dq, de = _side_arrays(len(table.targets), 24)
+    side = tmp_path / whatif.ALL_NEIGHBOURS
+    whatif.save_all_neighbours(side, values, dq, de)
+    assert os.listdir(tmp_path) == [whatif.ALL_NEIGHBOURS]  # no temporary file left
+    data = whatif.load_all_neighbours(side, cur)
+    assert data.n_stored == 24 and data.sources == whatif.SOURCES
+    for got, want in [(data.nbr_values, values), (data.dists_pq, dq), (data.dists_exact, de)]:
+        np.testing.assert_array_equal(got, want)  # -1 and inf padding included
+        assert got.dtype == want.dtype
+    for col in ("targets", "p_lm", "p_knn_run", "freq_bin"):  # the run's per-position columns, as the table path
+        np.testing.assert_array_equal(getattr(data, col), getattr(table, col))
+    # the file: long format in (pos, rank) order, typed columns, ZSTD
+    types = cur.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(side)]).fetchall()
+    assert [(c[0], c[1]) for c in types] == [("pos", "INTEGER"), ("rank", "SMALLINT"), ("value", "INTEGER"),
+                                             ("dist_pq", "FLOAT"), ("dist_exact", "FLOAT")]
+    order = cur.execute("SELECT pos, rank FROM read_parquet(?)", [str(side)]).fetchnumpy()
+    t = len(values)
+    np.testing.assert_array_equal(order["pos"], np.repeat(np.arange(t), 24))
+    np.testing.assert_array_equal(order["rank"], np.tile(np.arange(1, 25), t))
+    codecs = cur.execute("SELECT DISTINCT compression FROM parquet_metadata(?)", [str(side)]).fetchall()
+    assert codecs == [("ZSTD",)]
+    # the comparison catches one corrupted value
+    bad = values.copy()
+    bad[5, 7] += 1
+    whatif.save_all_neighbours(side, bad, dq, de)
+    with pytest.raises(AssertionError):
+        np.testing.assert_array_equal(whatif.load_all_neighbours(side, cur).nbr_values, values)
+    # without exact distances: NULL in the file, +inf when loaded, and "exact" is not offered
+    whatif.save_all_neighbours(side, values, dq, None)
+    assert cur.execute("SELECT count(dist_exact) FROM read_parquet(?)", [str(side)]).fetchone()[0] == 0
+    no_exact = whatif.load_all_neighbours(side, cur)
+    assert no_exact.sources == ("pq",) and np.isinf(no_exact.dists_exact).all()
+    np.testing.assert_array_equal(no_exact.dists_pq, dq)
+    with pytest.raises(ValueError, match="source must be one of"):
+        whatif.rescore(no_exact, 4, 10.0, "exact")
+
+
+def test_side_file_in_another_order_is_read_by_pos_and_rank(run_cursor, tmp_path):
+    cur = run_cursor
+    values, dq, de = _side_arrays(int(cur.execute("SELECT count(*) FROM eval_tokens").fetchone()[0]), 6, seed=1)
+    side, shuffled = tmp_path / "in_order.parquet", tmp_path / whatif.ALL_NEIGHBOURS
+    whatif.save_all_neighbours(side, values, dq, de)
+    duckdb.execute(f"COPY (SELECT * FROM read_parquet('{side}') ORDER BY hash(pos * 7 + rank)) TO '{shuffled}' "
+                   "(FORMAT parquet)")
+    data = whatif.load_all_neighbours(shuffled, cur)
+    np.testing.assert_array_equal(data.nbr_values, values)
+    np.testing.assert_array_equal(data.dists_exact, de)
+
+
+def test_side_file_interrupted_write_leaves_no_file_and_keeps_the_old(run_cursor, tmp_path, monkeypatch):
+    cur = run_cursor
+    t = int(cur.execute("SELECT count(*) FROM eval_tokens").fetchone()[0])
+    side = tmp_path / whatif.ALL_NEIGHBOURS
+    written = []
+
+    def interrupted(src, dst):  # the temporary file is complete, the rename never happens
+        written.append(Path(src).parent == Path(dst).parent and Path(src).stat().st_size > 0)
+        raise KeyboardInterrupt
+
+    values, dq, de = _side_arrays(t, 8)
+    monkeypatch.setattr(whatif.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        whatif.save_all_neighbours(side, values, dq, de)
+    assert written == [True] and os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    whatif.save_all_neighbours(side, values, dq, de)  # the file a reader may hold
+    before = side.read_bytes()
+    monkeypatch.setattr(whatif.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        whatif.save_all_neighbours(side, *_side_arrays(t, 8, seed=2))
+    assert side.read_bytes() == before and os.listdir(tmp_path) == [whatif.ALL_NEIGHBOURS]
+    np.testing.assert_array_equal(whatif.load_all_neighbours(side, cur).nbr_values, values)
+
+
+def test_side_file_row_count_must_match_the_run(run_cursor, tmp_path):
+    cur = run_cursor
+    t = int(cur.execute("SELECT count(*) FROM eval_tokens").fetchone()[0])
+    side = tmp_path / whatif.ALL_NEIGHBOURS
+    values, dq, de = _side_arrays(t - 1, 8)
+    whatif.save_all_neighbours(side, values, dq, de)
+    with pytest.raises(ValueError, match=rf"{(t - 1) * 8:,} rows .* run has {t:,} positions: expected T x k"):
+        whatif.load_all_neighbours(side, cur)
+
+
+def test_side_file_reproduces_run_ppl_and_makes_tau_changes_exact(full_run, tmp_path):
+    """All k neighbours through the side file: at the run's k, τ and source the re-scored p_kNN equals the
+    pipeline's float64 softmax (eval_tokens.p_knn) per position and the run's PPL, both to 1e-9."""
+    table, run = _load(full_run)
+    side = tmp_path / whatif.ALL_NEIGHBOURS
+    whatif.save_all_neighbours(side, table.nbr_values, table.dists_pq, table.dists_exact)
+    con = store.open_readonly(full_run / store.DB_NAME)
+    try:
+        data = whatif.load_all_neighbours(side, con.cursor())
+    finally:
+        con.close()
+    k, tau, source, lam = int(run["k"]), float(run["temperature"]), run["distance_source"], float(run["lambda"])
+    assert data.n_stored == k
+    p = whatif.rescore(data, k, tau, source)
+    np.testing.assert_allclose(p, data.p_knn_run, rtol=1e-9, atol=0)
+    dists = data.dists_pq if source == "pq" else data.dists_exact
+    np.testing.assert_allclose(p, knn.p_knn_of(dists, data.nbr_values, data.targets, tau), rtol=1e-9, atol=0)
+    ppl = whatif.overall_ppl(whatif.interpolate(data, lam, p))
+    assert ppl == pytest.approx(float(run["ppl_knnlm"]), rel=1e-9)
+    settings = whatif.run_settings(run.to_dict(), data.n_stored, data.sources)
+    for other in [whatif.plan(k, 2.0, source, settings), whatif.plan(17, tau, "exact", settings)]:
+        assert other.exact and other.k_used == other.k and other.label.startswith("exact: re-scored")
+    # the comparison catches one corrupted distance of a position whose target is among its neighbours
+    row = int(np.flatnonzero(data.match.any(axis=1) & (data.p_knn_run < 0.99))[0])
+    bad_d = dists.copy()
+    bad_d[row, np.flatnonzero(data.match[row])[0]] *= 1.001
+    bad = whatif.from_arrays(data.nbr_values, bad_d, bad_d, data.targets, data.p_lm, data.p_knn_run,
+                             data.freq_bin, data.type_freq)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(whatif.rescore(bad, k, tau, "pq"), data.p_knn_run, rtol=1e-9, atol=0)
+
+
+def test_plan_without_exact_distances_is_not_available():
+    s = whatif.RunSettings(k=1024, tau=10.0, source="pq", lam=0.25, n_stored=1024, sources=("pq",))
+    assert whatif.plan(1024, 5.0, "pq", s).exact  # τ at the run's k: all k stored
+    p = whatif.plan(1024, 10.0, "exact", s)
+    assert not p.exact and not p.runs_own and p.k_used == 0 and p.label.startswith("not available")
+    assert "no exact distances" in p.label and "run's own p_kNN" in p.label
+    data = whatif.from_arrays(np.zeros((3, 2), np.int32), np.ones((3, 2)), np.full((3, 2), np.inf), np.zeros(3),
+                              np.full(3, 0.5), np.full(3, 0.25), np.zeros(3), np.ones(1), sources=("pq",))
+    np.testing.assert_array_equal(whatif.p_knn_for(data, p, 10.0, "exact"), data.p_knn_run)
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """Random neighbours (S = 200: 3 groups of 64 + 8 tail columns) with missing neighbours, unknown exact
+    distances and a position without neighbours, whose spreads make every re-scoring path run at τ = 5:
+    rows 0-299 narrow with one wide row in ten (series + a few groups summed directly), rows 300-449 very
+    narrow (series only), rows 450-599 very wide (dense blocks, far groups dropped)."""
+    rng = np.random.default_rng(3)
+    t, s, v = 600, 200, 300
+    step = np.r_[np.where(rng.random(300) < 0.1, 1.0, 0.05), np.full(150, 0.002), np.full(150, 20.0)][:, None]
+    dq = (rng.uniform(0.0, 40.0, (t, 1)) + np.cumsum(rng.exponential(step, (t, s)), axis=1)).astype(np.float32)
+    de = (dq + rng.normal(0.0, 0.3, (t, s))).astype(np.float32)
+    targets = rng.integers(0, v, t).astype(np.int32)
+    values = np.where(rng.random((t, s)) < 0.1, targets[:, None], rng.integers(0, v, (t, s))).astype(np.int32)
+    values[rng.random((t, s)) < 0.05] = knn.PAD
+    values[4] = knn.PAD
+    de[rng.random((t, s)) < 0.03] = np.nan
+    return whatif.from_arrays(values, dq, de, targets, rng.uniform(0.01, 0.5, t), rng.uniform(0.0, 1.0, t),
+                              rng.integers(0, 5, t).astype(np.int16), rng.integers(0, 50, v))
+
+
+def test_fast_path_equals_old_path(mixed, monkeypatch):
+    monkeypatch.setattr(whatif, "ROWS", 50)
+    positive = whatif.idf(np.maximum(mixed.type_freq, 1), 10_000)  # every weight > 0: far groups are dropped
+    with_zeros = whatif.idf(mixed.type_freq, 10_000)  # some weights 0: nothing is dropped
+    for k in (1, 63, 64, 150, 192, 200):
+        for tau in (0.02, 0.7, 5.0, 80.0):
+            for source in whatif.SOURCES:
+                for w in (None, positive, with_zeros):
+                    new = whatif.rescore(mixed, k, tau, source, w, threads=2)
+                    np.testing.assert_allclose(new, _rescore_old(mixed, k, tau, source, w, 1), rtol=1e-12, atol=0)
+    # at τ = 5 every path runs: series, groups gathered for the direct sum, and whole blocks summed directly
+    # (_direct runs once per block for the tail columns, once per gathered call and once per dense block)
+    calls = {"_series": 0, "_gathered": 0, "_direct": 0}
+
+    def spy(name):
+        fn = getattr(whatif._Call, name)
+
+        def counted(self, *args):
+            calls[name] += 1
+            return fn(self, *args)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(whatif._Call, name, spy(name))
+    old = _rescore_old(mixed, 200, 5.0, "pq")
+    np.testing.assert_allclose(whatif.rescore(mixed, 200, 5.0, "pq"), old, rtol=1e-12, atol=0)
+    assert calls["_series"] > 0 and calls["_gathered"] > 0 and calls["_direct"] > calls["_series"] + calls["_gathered"]
+    with np.errstate(invalid="ignore"):  # and groups are dropped (their low is > SKIP τ above the row's)
+        assert ((mixed.dists_pq[:, ::64] - mixed.dists_pq[:, :1]) / 5.0 > whatif.SKIP).any()
+    # the comparison catches a one-in-1e9 error in the groups' moments
+    mixed.cache[("summary", "pq", None)].moments[:, :, 0] *= 1 + 1e-9
+    try:
+        with pytest.raises(AssertionError):
+            np.testing.assert_allclose(whatif.rescore(mixed, 200, 5.0, "pq"), old, rtol=1e-12, atol=0)
+    finally:
+        mixed.cache.clear()
+
+
+def test_series_is_exact_at_its_limit():
+    """The series' worst case: groups with 63 distances at their smallest and one at their largest, half
+    span / τ just below RHO. The result still equals the float64 softmax to 1e-12 (a series with two
+    moments fewer would miss by ~1e-11)."""
+    t, s = 6, 128
+    d = np.repeat(10.0 + np.arange(t)[:, None], s, axis=1)  # (t, s)
+    d[:, whatif.GROUP - 1 :: whatif.GROUP] += 2.0  # half span 1 in each group
+    values = np.tile(np.r_[np.zeros(5), np.ones(s - 5)].astype(np.int32), (t, 1))
+    data = whatif.from_arrays(values, d, d, np.zeros(t), np.full(t, 0.5), np.full(t, 0.5), np.zeros(t), np.ones(2))
+    tau = 1.0 / (0.999 * whatif.RHO)
+    p = whatif.rescore(data, s, tau, "pq")
+    np.testing.assert_allclose(p, knn.p_knn_of(data.dists_pq, values, data.targets, tau), rtol=1e-12, atol=0)
+    assert (data.cache[("summary", "pq", None)].half * 0.999 * whatif.RHO <= whatif.RHO).all()
+
+
+def test_rescore_equals_float64_softmax_at_run_settings(mixed):
+    """A run's own p_kNN is knn.softmax_weights + p_knn_from_weights in float64 (the search stage):
+    re-scoring all k at its τ and source gives it per position and the PPL to 1e-9."""
+    for source, tau in [("pq", 5.0), ("exact", 0.7), ("pq", 80.0), ("pq", 0.02)]:
+        d = mixed.dists_pq if source == "pq" else mixed.dists_exact
+        w, _ = knn.softmax_weights(d, tau, mixed.nbr_values)
+        ref = knn.p_knn_from_weights(w, mixed.nbr_values, mixed.targets)
+        p = whatif.rescore(mixed, mixed.n_stored, tau, source)
+        np.testing.assert_allclose(p, ref, rtol=1e-9, atol=0)
+        ppl = whatif.overall_ppl(whatif.interpolate(mixed, 0.25, p))
+        assert ppl == pytest.approx(whatif.overall_ppl(whatif.interpolate(mixed, 0.25, ref)), rel=1e-9)
+
+
+def test_page_reads_the_side_file(full_run, tmp_path, monkeypatch):
+    """The What-if page on a run with neighbors_all.parquet (no exact distances): τ changes at the run's k are
+    exact, the exact source is labelled not available."""
+    import shutil
+
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    shutil.copytree(full_run, tmp_path / "full")
+    table, run = _load(tmp_path / "full")
+    assert run["distance_source"] == "pq"
+    whatif.save_all_neighbours(tmp_path / "full" / whatif.ALL_NEIGHBOURS, table.nbr_values, table.dists_pq, None)
+    monkeypatch.setenv("KNNLM_RUNS_DIR", str(tmp_path))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    try:
+        at = AppTest.from_file(str(REPO / "app.py"), default_timeout=30)
+        at.query_params["run"] = "full"
+        at.run()
+        at.switch_page("pages/whatif.py")
+        at.query_params["tau"] = "2.0"
+        at.run()
+        texts = " ".join(str(e.value) for kind in (at.caption, at.warning, at.info) for e in kind)
+        assert not at.exception and whatif.ALL_NEIGHBOURS in texts and "distances: pq)" in texts
+        assert f"exact: re-scored from all {int(run['k'])} neighbours" in texts and not at.warning
+        at.radio(key="whatif_source").set_value("exact").run()
+        assert not at.exception and at.warning and "not available" in at.warning[0].value
+    finally:
+        st.cache_data.clear()
+        st.cache_resource.clear()

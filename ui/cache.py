@@ -59,20 +59,26 @@ def run_info(run: str) -> dict:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading stored neighbours…")
-def _neighbours(path: str, mtime_ns: int) -> whatif.StoredNeighbours:
-    """Per-position neighbour arrays of a run (shared, read-only: never mutate)."""
-    return whatif.load_neighbours(_connection(path, mtime_ns).cursor())
+def _neighbours(path: str, mtime_ns: int, side_mtime_ns: int) -> whatif.StoredNeighbours:
+    """Per-position neighbour arrays of a run: all k from its side file when present (side_mtime_ns > 0),
+    else the `neighbors` table (shared: never mutate the arrays; rescore caches its summaries on it)."""
+    cur = _connection(path, mtime_ns).cursor()
+    if side_mtime_ns:
+        return whatif.load_all_neighbours(Path(path).parent / whatif.ALL_NEIGHBOURS, cur)
+    return whatif.load_neighbours(cur)
 
 
 def neighbours(run: str) -> whatif.StoredNeighbours:
-    """Stored neighbour arrays of a run (cached as a resource: no copy per rerun)."""
-    return _neighbours(*run_key(run))
+    """Stored neighbour arrays of a run (cached as a resource: no copy per rerun); ValueError when the
+    side file does not match the run."""
+    return _neighbours(*run_key(run), _side_mtime(run))
 
 
 @st.cache_data(max_entries=32, show_spinner="Re-scoring…")
-def _rescored(path: str, mtime_ns: int, k: int, tau: float, source: str, use_idf: bool) -> np.ndarray:
+def _rescored(path: str, mtime_ns: int, side_mtime_ns: int, k: int, tau: float, source: str,
+              use_idf: bool) -> np.ndarray:
     """p_kNN(target) (T,) recomputed from the stored neighbours."""
-    data = _neighbours(path, mtime_ns)
+    data = _neighbours(path, mtime_ns, side_mtime_ns)
     n_entries = int(_connection(path, mtime_ns).cursor().execute("SELECT n_entries FROM run").fetchone()[0])
     weights = whatif.idf(data.type_freq, n_entries) if use_idf else None
     return whatif.rescore(data, k, tau, source, weights)
@@ -80,7 +86,7 @@ def _rescored(path: str, mtime_ns: int, k: int, tau: float, source: str, use_idf
 
 def rescored(run: str, k: int, tau: float, source: str, use_idf: bool = False) -> np.ndarray:
     """Cached what-if p_kNN of a run for (k, tau, source, idf)."""
-    return _rescored(*run_key(run), int(k), float(tau), str(source), bool(use_idf))
+    return _rescored(*run_key(run), _side_mtime(run), int(k), float(tau), str(source), bool(use_idf))
 
 
 def clear() -> None:
@@ -105,3 +111,14 @@ def tokenizer(info: dict):
 
     cfg = info.get("config") or {}
     return _light_tokenizer(str(resolve_path(cfg.get("tokenizer") or cfg.get("model") or "")))
+
+
+def all_neighbours_path(run: str) -> Path:
+    """The run's side file of all k neighbours per position (whatif.ALL_NEIGHBOURS; may not exist)."""
+    return db_path(run).parent / whatif.ALL_NEIGHBOURS
+
+
+def _side_mtime(run: str) -> int:
+    """mtime_ns of the run's side file, 0 when it is absent (part of the neighbour cache key)."""
+    path = all_neighbours_path(run)
+    return path.stat().st_mtime_ns if path.is_file() else 0

@@ -158,3 +158,18 @@ def compare_bins(
     if percent:
         fig.update_yaxes(tickformat=".0%")
     return _bin_layout(fig, bins, title, col, log_y)
+
+
+def variant_change_by_bin(compared: pd.DataFrame, names: dict[str, str] | None = None) -> go.Figure:
+    """Relative PPL change vs plain (%) per bin, one line per variant of a knnlm_core.mitigations
+    compare_to_plain table (plain itself left out); `names` maps variant -> legend name."""
+    names = names or {}
+    fig = go.Figure()
+    for variant, df in compared[compared["variant"] != "plain"].groupby("variant", sort=False):
+        name = names.get(variant, variant)
+        fig.add_scatter(x=df["bin"], y=df["delta_ppl_pct"], mode="lines+markers", name=name,
+                        hovertemplate="%{x}: %{y:+.2f}%<extra>" + name + "</extra>")
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    bins = compared[["freq_bin", "bin"]].drop_duplicates().sort_values("freq_bin")
+    return _bin_layout(fig, bins, "PPL change vs plain kNN-LM per bin (below 0 = the variant helps)",
+                       "Δ PPL vs plain (%)")

@@ -20,6 +20,8 @@ URL_PARAMS: dict[str, object] = {
     "k": None,  # what-if k (default: min(run.k, stored neighbours))
     "tau": None,  # what-if temperature (default: the run's)
     "lam": None,  # what-if λ (default: the run's)
+    "variant": "plain",  # mitigation variant of the first run on the compare page
+    "variant_b": "plain",  # mitigation variant of the second run on the compare page
 }
 
 PAGES = {  # page file -> URL path
@@ -29,6 +31,7 @@ PAGES = {  # page file -> URL path
     "neighbors": "pages/neighbors.py",
     "exact": "pages/exact.py",
     "whatif": "pages/whatif.py",
+    "mitigations": "pages/mitigations.py",
     "compare": "pages/compare.py",
 }
 

@@ -100,6 +100,7 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
         "datastore_sha256": datastore_sha256(ds_ids), "datastore_tokens_from": cfg.datastore_tokens_from or None,
     }])
     return {
+        **mitigation_tables(run),
         "run": run_row, "eval_tokens": eval_tokens, "token_types": token_types, "neighbors": neighbors,
         "exact_neighbors": exact_neighbors, "eval_words": eval_words(run, nll_lm, nll_knnlm),
         "datastore_tokens": pd.DataFrame({"pos": np.arange(len(ds_ids), dtype=np.int64),
@@ -107,6 +108,25 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
         "lm_top": lm_top, "knn_top": knn_top,
         "vocab": pd.DataFrame({"token_id": np.array(list(text), dtype=np.int32), "token": list(text.values())}),
     }
+
+
+def mitigation_tables(run: Run) -> dict[str, pd.DataFrame]:
+    """SPEC §9 tables (docs/SCHEMA.md) when the run evaluated mitigations; none otherwise."""
+    if not run.cfg.valid_corpus:
+        return {}
+    per_pos = load_npz(run.path("mitigations.npz"))
+    meta = json.loads(run.path("mitigations.json").read_text())
+    variants = pd.DataFrame(meta["variants"]).drop(columns=["fit_seconds", "build_seconds"], errors="ignore")
+    columns = [c for c in variants["p_knn_column"].tolist() + variants["lam_column"].tolist() if isinstance(c, str)]
+    tokens = pd.DataFrame({"pos": np.arange(len(per_pos[columns[0]]), dtype=np.int32),
+                           **{c: per_pos[c].astype(np.float32 if c.startswith("p_knn") else np.float64)
+                              for c in columns}})  # p_kNN stored REAL; λ exact (0.01 grid, docs/SCHEMA.md)
+    rules = []
+    for name, rule in meta["rules"].items():
+        edges = [-np.inf, *rule["edges"], np.inf]
+        rules += [{"variant": name, "bin": b, "lo": edges[b], "hi": edges[b + 1], "lam": lam,
+                   "n_valid": rule["n_valid"][b]} for b, lam in enumerate(rule["lam"])]
+    return {"mitigations": variants, "mitigation_tokens": tokens, "adaptive_lambda": pd.DataFrame(rules)}
 
 
 def add_exact_columns(run: Run, eval_tokens: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,9 @@
-"""Stage: evaluation queries, p_LM(target) and the LM's top predictions (SPEC §1), sharded by windows.
+"""Stages: queries, p_LM(target), the LM's entropy and top predictions (SPEC §1), sharded by windows.
 
-`eval_shard` is the map (run here or on Ray actors holding the model); the reduce
-concatenates the shards into queries.npy and eval_lm.npz.
+Two corpora go through the same map: the evaluation text (`eval_lm`) and, for the
+mitigations of SPEC §9, the validation text (`valid_lm`) that τ and adaptive λ are fitted
+on. `lm_shard` is the map (run here or on Ray actors holding the model); the reduce
+concatenates the shards into the stage's queries / LM files.
 """
 
 from __future__ import annotations
@@ -14,33 +16,53 @@ from precompute.extract import LMOutputs, extract, owned_rows
 from precompute.runner import Run, concat_shards, save_npy, save_npz, stage_shards
 from precompute.stages.datastore import window_groups
 
+# stage -> (token ids file, queries file, LM results file, entropy file)
+FILES = {
+    "eval_lm": ("eval_ids.npy", "queries.npy", "eval_lm.npz", "eval_entropy.npy"),
+    "valid_lm": ("valid_ids.npy", "valid_queries.npy", "valid_lm.npz", "valid_entropy.npy"),
+}
 
-def eval_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None) -> int:
-    """Queries, p_LM and LM top-k of shard i's owned positions into eval_lm.shards/ (atomic)."""
-    ids, groups = window_groups(run, "eval_ids.npy")
-    shards = stage_shards(run, "eval_lm", job.key, "eval_lm.shards")
+
+def lm_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None) -> int:
+    """Queries, p_LM, entropy and LM top-k of shard i's owned positions into <stage>.shards/ (atomic)."""
+    ids, groups = window_groups(run, FILES[job.stage][0])
+    shards = stage_shards(run, job.stage, job.key, f"{job.stage}.shards")
     lo, hi = owned_rows(groups[i])
     if shards.done(i):  # a retried task whose first attempt had finished
         return hi - lo
-    d, top = run.info["dim"], run.cfg.lm_top
-    queries = np.empty((hi - lo, d), dtype=np.float16)  # (n_i, d)
-    out = LMOutputs(np.empty(hi - lo), np.empty((hi - lo, top), np.int32), np.empty((hi - lo, top), np.float32))
+    n, d, top = hi - lo, run.info["dim"], run.cfg.lm_top
+    queries = np.empty((n, d), dtype=np.float16)  # (n_i, d)
+    out = LMOutputs(np.empty(n), np.empty((n, top), np.int32), np.empty((n, top), np.float32), np.empty(n, np.float32))
     extract(run.lm, ids, groups[i], queries, run.cfg.batch_size, out, progress)
-    shards.save(i, queries=queries, p_lm=out.p_lm, lm_top_ids=out.top_ids, lm_top_p=out.top_p)
+    shards.save(i, queries=queries, p_lm=out.p_lm, lm_top_ids=out.top_ids, lm_top_p=out.top_p, entropy=out.entropy)
     return hi - lo
 
 
-def stage_eval_lm(run: Run, key: str) -> dict:
-    ids, groups = window_groups(run, "eval_ids.npy")
+eval_shard = lm_shard  # the name the executors' tests know
+
+
+def stage_lm(run: Run, key: str, stage: str = "eval_lm") -> dict:
+    ids_file, queries_file, lm_file, entropy_file = FILES[stage]
+    ids, groups = window_groups(run, ids_file)
     t = len(ids) - 1
-    shards = stage_shards(run, "eval_lm", key, "eval_lm.shards")
+    shards = stage_shards(run, stage, key, f"{stage}.shards")
     executor = executor_of(run)
-    with tqdm(total=t, desc="eval queries + p_LM", unit="pos", dynamic_ncols=True) as bar:
-        executor.map(run, ShardJob("eval_lm", key, eval_shard, kind="model"), shards.todo(len(groups)), bar.update)
+    desc = "eval queries + p_LM" if stage == "eval_lm" else "validation queries + p_LM"
+    with tqdm(total=t, desc=desc, unit="pos", dynamic_ncols=True) as bar:
+        executor.map(run, ShardJob(stage, key, lm_shard, kind="model"), shards.todo(len(groups)), bar.update)
     parts = concat_shards(shards, len(groups))
-    save_npy(run.path("queries.npy"), parts.pop("queries"))
-    save_npz(run.path("eval_lm.npz"), **parts)
+    save_npy(run.path(queries_file), parts.pop("queries"))
+    save_npy(run.path(entropy_file), parts.pop("entropy"))
+    save_npz(run.path(lm_file), **parts)
     shards.remove()
     hook_point = executor.hook_point(run)
     run.memo.clear()
-    return {"n_eval": t, "hook_point": hook_point}
+    return {"n_eval": t, "hook_point": hook_point} if stage == "eval_lm" else {"n_valid": t}
+
+
+def stage_eval_lm(run: Run, key: str) -> dict:
+    return stage_lm(run, key, "eval_lm")
+
+
+def stage_valid_lm(run: Run, key: str) -> dict:
+    return stage_lm(run, key, "valid_lm")
