@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-PAGES = ("overview", "bins", "tokens", "neighbors", "exact", "whatif", "compare")
+PAGES = ("overview", "bins", "tokens", "neighbors", "exact", "whatif", "mitigations", "compare")
 
 
 def time_page(page: str, run: str, params: dict[str, str], repeats: int) -> tuple[float, float]:

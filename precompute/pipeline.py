@@ -38,7 +38,7 @@ from precompute.stages.datastore import stage_datastore
 from precompute.stages.eval_lm import stage_eval_lm, stage_valid_lm
 from precompute.stages.exact import stage_exact
 from precompute.stages.index import stage_index
-from precompute.stages.mitigate import stage_mitigate
+from precompute.stages.mitigate import TAU_GRID, stage_mitigate
 from precompute.stages.search import stage_search
 from precompute.stages.tokenize import stage_tokenize
 from precompute.stages.types import stage_types
@@ -170,6 +170,7 @@ def mitigation_stages(run: Run, corpora: dict, k_ix: str, k_ev: str, k_se: str, 
                                        "tau": cfg.temperature, "lambda": cfg.lam, "source": cfg.distance_source,
                                        "whiten": list(cfg.whiten_kinds), "eps": cfg.whiten_eps,
                                        "bins": cfg.adaptive_bins, "batch": cfg.search_batch, "shard": cfg.shard_size,
+                                       "tau_grid": TAU_GRID.tolist(),
                                        "factory": cfg.index_factory, "train_size": cfg.train_size, "seed": cfg.seed},
                      ["mitigations.npz", "mitigations.json"], lambda key: stage_mitigate(run, key))
 

@@ -21,7 +21,7 @@ from conftest import MITIGATIONS, build_tiny_run
 from knnlm_core.config import ConfigError, RunConfig, load_config
 from knnlm_core.keystore import open_keys
 from precompute.pipeline import build_run
-from precompute.stages.mitigate import TAU_GRID
+from precompute.stages.mitigate import tau_grid
 from precompute.verify import verify_run
 
 GRID = np.arange(101) / 100.0
@@ -116,10 +116,11 @@ def test_whitened_variant_and_its_tau_equal_a_brute_force(flat_run):
     white = lambda x: (x - w["mean"]) @ w["matrix"]  # noqa: E731
     keys_w, k = white(r["keys"]), r["cfg"]["k"]
     # τ: the grid value with the lowest validation kNN-LM PPL at the run's λ
+    grid = tau_grid(r["cfg"]["temperature"])
     vppl = [ppl(r["cfg"]["lambda"] * brute_p_knn(white(r["vq"]), keys_w, r["values"], r["vy"], k, t)[0]
-                + (1 - r["cfg"]["lambda"]) * r["vp_lm"]) for t in TAU_GRID]
+                + (1 - r["cfg"]["lambda"]) * r["vp_lm"]) for t in grid]
     tau = variant(r["meta"], "zipfian")["tau"]
-    assert tau == TAU_GRID[int(np.argmin(vppl))]
+    assert tau == grid[int(np.argmin(vppl))]
     p, _ = brute_p_knn(white(r["q"]), keys_w, r["values"], r["y"], k, tau)
     np.testing.assert_allclose(r["mit"]["p_knn_zipfian"], p, rtol=1e-4, atol=1e-7)
     bad = p.copy()
@@ -136,8 +137,9 @@ def test_idf_tau_and_adaptive_lambda_equal_numpy(flat_run):
     np.testing.assert_allclose(r["mit"]["p_knn_idf"], p_idf, rtol=1e-4, atol=1e-7)
     tau = variant(r["meta"], "tau")["tau"]
     vppl = [ppl(lam_run * brute_p_knn(r["vq"], r["keys"], r["values"], r["vy"], k, t)[0] + (1 - lam_run) * r["vp_lm"])
-            for t in TAU_GRID]
-    assert tau == TAU_GRID[int(np.argmin(vppl))]
+            for t in tau_grid(tau_run)]
+    assert tau == tau_grid(tau_run)[int(np.argmin(vppl))]
+    assert variant(r["meta"], "tau")["valid_ppl"] <= variant(r["meta"], "plain")["valid_ppl"]  # the run's τ is a candidate
     np.testing.assert_allclose(r["mit"]["p_knn_tau"],
                                brute_p_knn(r["q"], r["keys"], r["values"], r["y"], k, tau)[0], rtol=1e-4, atol=1e-7)
     # adaptive λ by LM entropy: equal-population validation bins, grid minimiser per bin, applied to eval entropy
@@ -162,7 +164,10 @@ def test_evaluation_tokens_never_enter_a_fit(mitigated_run, tmp_path, tiny_model
     other = tmp_path / "tiny-mitigated"
     shutil.copytree(mitigated_run, other)
     cfg = replace(load_config(mitigated_run.parent / "tiny-mitigated.toml", MITIGATIONS), eval_limit_tokens=300)
+    built = {f: (other / f).stat().st_mtime_ns for f in ("index_zipfian.faiss", "index_entries.faiss")}
     build_run(cfg, other, overwrite=True)  # the datastore, index and validation stages are reused
+    # ... and so are the whitened indexes: they depend on the keys, not on the evaluation tokens
+    assert built == {f: (other / f).stat().st_mtime_ns for f in built}
     a = json.loads((mitigated_run / "mitigations.json").read_text())
     b = json.loads((other / "mitigations.json").read_text())
     assert a["rules"] == b["rules"]

@@ -236,3 +236,17 @@ def test_change_figure_has_one_line_per_variant_on_ordered_bins():
     assert [t.name for t in fig.data] == ["my variant", adaptive.ORACLE_LABEL]  # plain is the zero line
     np.testing.assert_allclose(fig.data[0].y, [-10.0, 0.4, 10.0])
     assert list(fig.layout.xaxis.categoryarray) == ["0", "2", "4"]
+
+
+def test_lambda_storage_is_exact_and_refuses_off_grid_values(tmp_path):
+    """λ is stored as integer percent behind a view: the view gives back the very doubles, and a λ that is
+    not on the 0.01 grid is refused rather than rounded."""
+    tables = _tables()
+    _write(tmp_path / "ok.duckdb", tables)
+    con = duckdb.connect(str(tmp_path / "ok.duckdb"), read_only=True)
+    got = con.execute("SELECT lam_nn FROM mitigation_tokens ORDER BY pos").fetchnumpy()["lam_nn"]
+    con.close()
+    np.testing.assert_array_equal(got, tables["mitigation_tokens"]["lam_nn"].to_numpy())
+    tables["mitigation_tokens"].loc[3, "lam_nn"] = 0.123
+    with pytest.raises(ValueError, match="0.01 grid"):
+        _write(tmp_path / "bad.duckdb", tables)

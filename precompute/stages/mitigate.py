@@ -19,6 +19,7 @@ position in `neighbors_all.parquet` (knnlm_core.whatif) for an exact τ / k What
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -27,11 +28,26 @@ from tqdm import tqdm
 from knnlm_core import adaptive, whatif, whiten
 from knnlm_core.index import search, set_nprobe
 from knnlm_core.knn import PAD, interpolate, p_knn_of, p_knn_weighted
-from precompute.runner import Run, load_npy, load_npz, save_json, save_npz, stage_shards, write_index
+from precompute.runner import (
+    Run,
+    digest,
+    load_npy,
+    load_npz,
+    read_index,
+    save_json,
+    save_npz,
+    stage_shards,
+    write_index,
+)
 from precompute.stages.index import build_index
 from precompute.stages.search import neighbour_sq_dists, open_index
 
-TAU_GRID = 2.0 ** np.arange(-2, 15)  # 0.25 … 16,384: squared-L2 scales from raw GPT-2 keys to whitened ones
+TAU_GRID = 2.0 ** (np.arange(-8, 57) / 4)  # 0.25 … 16,384, 4 per octave: raw GPT-2 to whitened distance scales
+
+
+def tau_grid(run_tau: float) -> np.ndarray:
+    """TAU_GRID with the run's own τ added: a τ chosen on validation is never worse there than the run's."""
+    return np.unique(np.append(TAU_GRID, run_tau))
 ALL_NEIGHBOURS_MAX = 64_000_000  # positions × k up to which every neighbour is kept (~0.5 GB in memory)
 VARIANT_LABELS = {
     "plain": "plain kNN-LM (the run)", "tau": "τ from validation", "idf": "IDF weighting",
@@ -125,7 +141,7 @@ def plain_step(run: Run, data: dict, taus: np.ndarray) -> dict[str, np.ndarray]:
     grid = np.concatenate([[cfg.temperature], taus])
     va = score(run, index, data["valid_q"], data["valid_y"], grid, keys, idf=idf, desc="mitigate: validation, plain")
     valid_ppl = np.array([ppl(interpolate(data["valid_p_lm"], va["p_knn"][:, g], cfg.lam)) for g in range(len(grid))])
-    tau = float(taus[int(np.argmin(valid_ppl[1:]))])
+    tau = float(taus[int(np.argmin(valid_ppl[1:]))])  # first minimiser: ties keep the smaller τ
     keep_all = len(data["eval_y"]) * cfg.k <= ALL_NEIGHBOURS_MAX
     ev = score(run, index, data["eval_q"], data["eval_y"], np.array([cfg.temperature, tau]), keys, idf=idf,
                keep_all=keep_all, desc="mitigate: evaluation, plain")
@@ -136,21 +152,40 @@ def plain_step(run: Run, data: dict, taus: np.ndarray) -> dict[str, np.ndarray]:
             "eval_nn_dist": ev["nn_dist"], "eval_p_knn_rescored": ev["p_knn"][:, 0]}
 
 
+def whitened_index_key(run: Run, kind: str) -> str:
+    """What a whitened index depends on: the datastore's keys (its stage key), the whitening and the index
+    settings; τ and λ choices are not part of it, so changing them reuses the index."""
+    cfg = run.cfg
+    return digest({"datastore": run.stages["datastore"]["key"], "kind": kind, "eps": cfg.whiten_eps,
+                   "factory": cfg.index_factory, "train_size": cfg.train_size, "seed": cfg.seed,
+                   "shard": cfg.shard_size})
+
+
 def whiten_step(run: Run, key: str, kind: str, data: dict, taus: np.ndarray) -> dict[str, np.ndarray]:
     """Fit a whitening, build its index on the whitened keys, choose τ on validation, score evaluation."""
     cfg = run.cfg
     keys, values = run.keys(), run.values()
-    t0 = time.time()
-    transform = whiten.fit(kind, keys, values, cfg.whiten_eps)
-    fit_s = time.time() - t0
-    transform.save(run.path(f"whiten_{kind}.npz"))
-    view = WhitenedKeys(keys, transform)
-    shards = stage_shards(run, "mitigate", f"{key}-{kind}", f"index_{kind}.shards")
-    t0 = time.time()
-    index, _, _ = build_index(view, cfg.index_factory, cfg.train_size, cfg.seed, cfg.shard_size, shards)
-    build_s = time.time() - t0
-    write_index(index, run.path(f"index_{kind}.faiss"))
-    shards.remove()
+    built = whitened_index_key(run, kind)
+    files = [run.path(f) for f in (f"whiten_{kind}.npz", f"index_{kind}.faiss", f"index_{kind}.json")]
+    if all(f.exists() for f in files) and json.loads(files[2].read_text()).get("key") == built:
+        # the same keys, kind, ε and index settings: reuse the fit and the index (only τ / λ choices changed)
+        transform, index = whiten.Whitening.load(files[0]), read_index(files[1])
+        meta = json.loads(files[2].read_text())
+        fit_s, build_s = meta["fit_seconds"], meta["build_seconds"]
+        view = WhitenedKeys(keys, transform)
+    else:
+        t0 = time.time()
+        transform = whiten.fit(kind, keys, values, cfg.whiten_eps)
+        fit_s = time.time() - t0
+        transform.save(files[0])
+        view = WhitenedKeys(keys, transform)
+        shards = stage_shards(run, "mitigate", f"{built}-{kind}", f"index_{kind}.shards")
+        t0 = time.time()
+        index, _, _ = build_index(view, cfg.index_factory, cfg.train_size, cfg.seed, cfg.shard_size, shards)
+        build_s = time.time() - t0
+        write_index(index, files[1])
+        shards.remove()
+        save_json(files[2], {"key": built, "fit_seconds": round(fit_s, 2), "build_seconds": round(build_s, 2)})
     set_nprobe(index, cfg.nprobe)
     va = score(run, index, data["valid_q"], data["valid_y"], taus, view, transform,
                desc=f"mitigate: validation, {kind}")
@@ -164,7 +199,7 @@ def whiten_step(run: Run, key: str, kind: str, data: dict, taus: np.ndarray) -> 
 
 def stage_mitigate(run: Run, key: str) -> dict:
     cfg = run.cfg
-    taus = TAU_GRID
+    taus = tau_grid(cfg.temperature)
     data = inputs(run)
     parts = stage_shards(run, "mitigate", key, "mitigate.parts")
     steps = ["plain", *cfg.whiten_kinds]
@@ -205,7 +240,7 @@ def describe(run: Run, data: dict, plain: dict, whitened: dict, rules: dict, per
     lam, p_lm, vp_lm = cfg.lam, data["eval_p_lm"], data["valid_p_lm"]
     n_valid = len(data["valid_y"])
     where = f"validation: {cfg.valid_corpus} ({n_valid:,} tokens)"
-    grid_note = f"τ grid 2^-2 … 2^14 (×2) on {where}"
+    grid_note = f"τ grid 2^-2 … 2^14 (4 per octave) and the run's τ, chosen on {where}"
     valid_plain = ppl(interpolate(vp_lm, plain["valid_p_knn"], lam))
 
     def row(variant, family, tau, p_col, lam_col, valid_ppl, notes, eps=None):
