@@ -185,7 +185,10 @@ def test_database_tables_and_plain_row(mitigated_run, tiny_run):
     con.close()
     assert list(variants.index) == ["plain", "tau", "idf", "adaptive-nn", "adaptive-entropy", "zipfian", "entries"]
     assert variants.loc["plain", "ppl"] == ppl_knnlm
-    assert cols == {"pos", "p_knn_tau", "p_knn_idf", "p_knn_zipfian", "p_knn_entries", "lam_nn", "lam_entropy"}
+    own_tau = variants.loc["tau", "tau"] == variants.loc["plain", "tau"]  # then the run's own p_kNN, not a copy
+    assert isinstance(variants.loc["tau", "p_knn_column"], str) != own_tau
+    assert cols == {"pos", "p_knn_idf", "p_knn_zipfian", "p_knn_entries", "lam_nn", "lam_entropy"} | (
+        set() if own_tau else {"p_knn_tau"})
     con = duckdb.connect(str(tiny_run / "metrics.duckdb"), read_only=True)
     tables = {t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     con.close()

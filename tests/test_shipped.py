@@ -163,11 +163,12 @@ def test_shipped_demo_carries_exact_search_and_words():
 
 
 @needs_demo
-def test_demo_carries_the_mitigations():
+@pytest.mark.parametrize("name", ["demo", "demo-shakespeare"])
+def test_shipped_runs_carry_the_mitigations(name):
     """SPEC §9 on a fresh install: every variant, numbers that reproduce the run's own at its settings."""
     import duckdb
 
-    con = duckdb.connect(str(DEMO / "metrics.duckdb"), read_only=True)
+    con = duckdb.connect(str(DEMO.parent / name / "metrics.duckdb"), read_only=True)
     variants = con.execute("SELECT * FROM mitigations ORDER BY ord").df().set_index("variant")
     ppl_knnlm, lam = con.execute('SELECT ppl_knnlm, "lambda" FROM run').fetchone()
     ev = con.execute("SELECT e.p_lm, e.p_knn, m.* FROM eval_tokens e JOIN mitigation_tokens m USING (pos) "

@@ -117,6 +117,10 @@ def mitigation_tables(run: Run) -> dict[str, pd.DataFrame]:
     per_pos = load_npz(run.path("mitigations.npz"))
     meta = json.loads(run.path("mitigations.json").read_text())
     variants = pd.DataFrame(meta["variants"]).drop(columns=["fit_seconds", "build_seconds"], errors="ignore")
+    # A τ chosen on validation that is the run's own τ gives the run's own p_kNN (the same index and τ):
+    # point the variant at eval_tokens.p_knn instead of storing a copy (it keeps shipped runs small).
+    same = (variants["variant"] == "tau") & (variants["tau"] == run.cfg.temperature)
+    variants.loc[same, "p_knn_column"] = None
     columns = [c for c in variants["p_knn_column"].tolist() + variants["lam_column"].tolist() if isinstance(c, str)]
     tokens = pd.DataFrame({"pos": np.arange(len(per_pos[columns[0]]), dtype=np.int32),
                            **{c: per_pos[c].astype(np.float32 if c.startswith("p_knn") else np.float64)
