@@ -30,7 +30,8 @@ MAX_PER_CENTROID = 256  # faiss subsamples k-means training to 256 points per ce
 DB_BYTES_PER_POS = 14  # DuckDB bytes per stored neighbour per evaluation position (shipped demo: ~880 B / pos)
 # Corpus sizes in GPT-2 tokens for files that may not be on this machine (the paper's datastore).
 KNOWN_TOKENS = {"wiki.train.tokens": 117_000_000, "wikitext2-train.tokens.gz": 2_448_382,
-                "wikitext2-test.raw.gz": 286_221}
+                "wikitext2-test.raw.gz": 286_221, "wikitext2-valid.raw.gz": 249_887}
+TAU_GRID_SIZE = 66  # τ values scored per validation query (precompute.stages.mitigate.tau_grid)
 GATED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo", "olmo2")
 
 
@@ -95,6 +96,9 @@ class Facts:
     sq_ev: int
     shape: ModelShape
     source: str  # where the counts come from: "tokenized" or "known sizes"
+    t_valid: int = 0  # validation positions (SPEC §9 mitigations; 0 = none)
+    tokens_va: int = 0
+    sq_va: int = 0
 
 
 # ---------------------------------------------------------------- facts
@@ -167,8 +171,18 @@ def run_facts(cfg: RunConfig, entries: int = 0, eval_positions: int = 0) -> Fact
     t = len(ev) - 1 if ev is not None else eval_positions or known_size(cfg.eval_corpus, cfg.eval_limit_tokens) - 1
     tok_ds, sq_ds = window_work(n + 1, ctx, stride)
     tok_ev, sq_ev = window_work(t + 1, ctx, stride)
+    t_v = 0
+    if cfg.valid_corpus:
+        va = corpus_ids(cfg, cfg.valid_corpus, cfg.valid_limit_tokens)
+        if va is not None:
+            t_v = len(va) - 1
+        elif Path(cfg.valid_corpus).name in KNOWN_TOKENS:
+            t_v = known_size(cfg.valid_corpus, cfg.valid_limit_tokens) - 1
+        else:  # an unknown validation text: plan it at the evaluation text's size
+            t_v = t
+    tok_va, sq_va = window_work(t_v + 1, ctx, stride) if t_v else (0, 0)
     return Facts(n, t, types, groups, tok_ds, tok_ev, sq_ds, sq_ev, shape,
-                 "tokenized" if ds is not None else "known sizes")
+                 "tokenized" if ds is not None else "known sizes", t_v, tok_va, sq_va)
 
 
 def known_size(rel: str, limit: int) -> int:
@@ -233,8 +247,32 @@ def stage_work(cfg: RunConfig, f: Facts) -> list[StageWork]:
                                                             f.types * (2 * d * nlist + visits * code)),
                   2 * f.n * 2 * d + (f.groups * f.n * 2 * d if exact else f.types * visits * (code + 8)),
                   v * d * 8 + v * 40, v * d * 8 + 2 * block + (0 if exact else f.n * (code + 12))),
+        *mitigation_work(cfg, f, fwd, model_mem, train, visits, code),
         StageWork("database", "rows", f.t * (1 + s) + v, 0, 2 * f.t * search_pos, f.t * s * DB_BYTES_PER_POS,
                   2 * f.t * search_pos),
+    ]
+
+
+def mitigation_work(cfg: RunConfig, f: Facts, fwd, model_mem: float, train: float, visits: float,
+                    code: int) -> list[StageWork]:
+    """SPEC §9 stages when the config has a validation corpus: the validation forward pass, and the
+    mitigate stage (per whitening kind a streamed fit, an index build over the whitened keys; the
+    validation and evaluation queries searched over the plain and every whitened index)."""
+    if not cfg.valid_corpus:
+        return []
+    d, v, kinds = f.shape.d, f.shape.vocab, len(cfg.whiten_kinds)
+    nlist, _ = ivf(cfg)
+    queries = (1 + kinds) * (f.t + f.t_valid)
+    fit = kinds * 2 * f.n * d * d  # covariance / type sums: one float64 pass over the keys per kind
+    build = kinds * (train + 2 * d * (nlist + 256) * f.n)
+    search = queries * (2 * d * (nlist + 256) + visits * code + 2 * d * TAU_GRID_SIZE)
+    return [
+        StageWork("valid_lm", "positions", f.t_valid, fwd(f.tokens_va, f.sq_va) + 2 * d * v * f.t_valid,
+                  f.t_valid * 4, 2 * f.t_valid * (2 * d + 8 + 80), model_mem + 1024 * v * 4 * 2),
+        StageWork("mitigate", "queries", queries, fit + build + search,
+                  kinds * 2 * f.n * 2 * d + queries * (2 * d + visits * (code + 8)),
+                  kinds * (f.n * (code + 8) + d * d * 8) + f.t * 8 * 8,
+                  f.n * (code + 12) + cfg.search_batch * cfg.k * 40 + cfg.shard_size * d * 4 * 2),
     ]
 
 
@@ -259,7 +297,7 @@ def estimate(cfg: RunConfig, f: Facts, rates: Rates, gpus: int, cpus: int, nodes
     query_s = lambda q: q * (rates.query_s + visits / rates.visits) / cores  # noqa: E731
     driver = max(1, min(cfg.threads, cpus // nodes))
     for w in work:
-        if w.name in ("datastore", "eval_lm"):
+        if w.name in ("datastore", "eval_lm", "valid_lm"):
             rate = gpus * rates.gpu_flops if gpus else cores * (rates.cpu_flops if w.name == "datastore"
                                                                  else rates.cpu_head_flops)
             w.seconds = w.flop / rate + load + start
@@ -274,6 +312,16 @@ def estimate(cfg: RunConfig, f: Facts, rates: Rates, gpus: int, cpus: int, nodes
             w.where = f"train: driver ({driver} cores); encode: {workers} CPU worker(s), {cores} cores"
         elif w.name == "search":
             w.seconds, w.where = query_s(f.t) + start, f"{workers} CPU worker(s), {cores} cores"
+        elif w.name == "mitigate":  # runs on the driver (its searches are not mapped onto workers)
+            kinds, d = len(cfg.whiten_kinds), f.shape.d
+            n_train = min(cfg.train_size or f.n, f.n)
+            train = 2 * KMEANS_ITERS * d * (min(n_train, MAX_PER_CENTROID * nlist) * nlist + min(n_train, 65536) * 256)
+            build = kinds * (train / (driver * rates.train_flops) + 2 * d * nlist * f.n / (driver * rates.flat_flops)
+                             + 2 * d * 256 * f.n / (driver * rates.encode_flops))
+            fit = kinds * 2 * f.n * d * d / (driver * rates.flat_flops)
+            queries = (1 + kinds) * (f.t + f.t_valid)
+            w.seconds = build + fit + queries * (rates.query_s + visits / rates.visits) / driver
+            w.where = f"driver ({driver} cores)"
         elif w.name == "types":
             key_pass = 2 * f.n * 2 * f.shape.d / (cores * rates.types_bytes)
             if cfg.contamination_search == "exact":

@@ -81,3 +81,20 @@ def test_cli_bad_input_is_one_line_exit_2():
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: config file not found")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_mitigation_stages_are_planned_only_with_a_validation_corpus(tiny_cfg):
+    from dataclasses import replace
+
+    assert not {"valid_lm", "mitigate"} & {w.name for w in stage_work(tiny_cfg, run_facts(tiny_cfg))}
+    seconds = {}
+    for whiten in ("none", "zipfian", "entries,zipfian"):
+        cfg = replace(tiny_cfg, valid_corpus=TINY_RUN_CONFIG["eval_corpus"], valid_limit_tokens=300,
+                      whiten=whiten).validate()
+        f = run_facts(cfg)
+        assert f.t_valid == 299  # tokenized here: 300 tokens
+        work = {w.name: w for w in estimate(cfg, f, Rates(), 0, 2, 1, "local")}
+        assert work["valid_lm"].count == 299
+        assert work["mitigate"].count == (1 + len(cfg.whiten_kinds)) * (f.t + f.t_valid)  # queries searched
+        seconds[whiten] = work["mitigate"].seconds
+    assert seconds["none"] < seconds["zipfian"] < seconds["entries,zipfian"]  # one index build per whitening
