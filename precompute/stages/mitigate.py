@@ -44,16 +44,17 @@ from precompute.stages.search import neighbour_sq_dists, open_index
 
 TAU_GRID = 2.0 ** (np.arange(-8, 57) / 4)  # 0.25 … 16,384, 4 per octave: raw GPT-2 to whitened distance scales
 
-
-def tau_grid(run_tau: float) -> np.ndarray:
-    """TAU_GRID with the run's own τ added: a τ chosen on validation is never worse there than the run's."""
-    return np.unique(np.append(TAU_GRID, run_tau))
 ALL_NEIGHBOURS_MAX = 64_000_000  # positions × k up to which every neighbour is kept (~0.5 GB in memory)
 VARIANT_LABELS = {
     "plain": "plain kNN-LM (the run)", "tau": "τ from validation", "idf": "IDF weighting",
     "adaptive-nn": "adaptive λ by nearest-neighbour distance", "adaptive-entropy": "adaptive λ by LM entropy",
     "zipfian": "Zipfian whitening", "entries": "entry whitening",
 }
+
+
+def tau_grid(run_tau: float) -> np.ndarray:
+    """TAU_GRID with the run's own τ added: a τ chosen on validation is never worse there than the run's."""
+    return np.unique(np.append(TAU_GRID, run_tau))
 
 
 class WhitenedKeys:
