@@ -43,7 +43,6 @@ from precompute.stages.index import build_index
 from precompute.stages.search import neighbour_sq_dists, open_index
 
 TAU_GRID = 2.0 ** (np.arange(-8, 57) / 4)  # 0.25 … 16,384, 4 per octave: raw GPT-2 to whitened distance scales
-
 ALL_NEIGHBOURS_MAX = 64_000_000  # positions × k up to which every neighbour is kept (~0.5 GB in memory)
 VARIANT_LABELS = {
     "plain": "plain kNN-LM (the run)", "tau": "τ from validation", "idf": "IDF weighting",
