@@ -530,8 +530,11 @@ def check_mitigations(con, run_dir: Path, ev: pd.DataFrame, run: pd.Series, keys
 
     cols = set(mt.columns)
     if "p_knn_idf" in cols:
+        # rtol 1e-3, not 1e-4: faiss's float32 PQ distances depend on the search batch (a near-tie can swap two
+        # neighbours: 1.7e-4 apart at position 210,705 of the full WikiText-2 run), and idf weights of up to
+        # ln(1 + N) amplify such a swap: 2.8e-4 relative there, reproduced exactly in the stage's own batch
         checks.append(_close("p_knn_idf (re-searched, numpy IDF)", mt["p_knn_idf"].to_numpy()[pos],
-                             p_of(d, nbr_val, tau_run, idf), 1e-6, 1e-4))
+                             p_of(d, nbr_val, tau_run, idf), 1e-6, 1e-3))
     if "p_knn_tau" in cols:
         tau = float(variants.loc[variants["variant"] == "tau", "tau"].iloc[0])
         checks.append(_close("p_knn_tau (re-searched at the validation τ)", mt["p_knn_tau"].to_numpy()[pos],

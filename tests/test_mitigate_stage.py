@@ -211,6 +211,7 @@ def failed(run: Path) -> set[str]:
      "CREATE OR REPLACE VIEW mitigations AS SELECT * FROM c", "mitigations.ppl of idf (from its columns)"),
     ("whiten matrix", "entries whitening: Mᵀ(C + εI)M = I"),
     ("npz zipfian", "p_knn_zipfian (re-searched over index_zipfian.faiss)"),
+    ("npz idf", "p_knn_idf (re-searched, numpy IDF)"),
 ])
 def test_verify_catches_each_corruption(mitigated_run, tmp_path, corruption, caught):
     run = tmp_path / "run"
@@ -226,6 +227,13 @@ def test_verify_catches_each_corruption(mitigated_run, tmp_path, corruption, cau
         np.savez(run / "mitigations.npz", **m)
         con = duckdb.connect(str(run / "metrics.duckdb"))
         con.execute("UPDATE mitigation_tokens_data SET p_knn_zipfian = p_knn_zipfian * 0.5 + 0.25")
+        con.close()
+    elif corruption == "npz idf":  # a 1% error, consistent in file and table: above the 0.1% tolerance
+        m = dict(np.load(run / "mitigations.npz"))
+        m["p_knn_idf"] = (m["p_knn_idf"] * 1.01).astype(m["p_knn_idf"].dtype)
+        np.savez(run / "mitigations.npz", **m)
+        con = duckdb.connect(str(run / "metrics.duckdb"))
+        con.execute("UPDATE mitigation_tokens_data SET p_knn_idf = (p_knn_idf::DOUBLE * 1.01)::FLOAT")
         con.close()
     else:
         con = duckdb.connect(str(run / "metrics.duckdb"))
