@@ -218,6 +218,13 @@ def ivf(cfg: RunConfig) -> tuple[int, int]:
     return nlist, code
 
 
+def train_flop(cfg: RunConfig, f: Facts) -> float:
+    """k-means FLOP of training the index once (coarse centroids + 256 PQ centroids per sub-space)."""
+    nlist, _ = ivf(cfg)
+    n_train = min(cfg.train_size or f.n, f.n)
+    return 2 * KMEANS_ITERS * f.shape.d * (min(n_train, MAX_PER_CENTROID * nlist) * nlist + min(n_train, 65536) * 256)
+
+
 def stage_work(cfg: RunConfig, f: Facts) -> list[StageWork]:
     """Per-stage work of one run (no rates: counts, FLOP, bytes, memory per worker)."""
     s, d, v = cfg.store_neighbors_effective, f.shape.d, f.shape.vocab
@@ -228,7 +235,7 @@ def stage_work(cfg: RunConfig, f: Facts) -> list[StageWork]:
     act = cfg.batch_size * (cfg.max_context or min(f.shape.positions, 1024)) * (4 * d + f.shape.ffn) * wbytes * 2
     model_mem = f.shape.params * wbytes + act
     n_train = min(cfg.train_size or f.n, f.n)
-    train = 2 * KMEANS_ITERS * d * (min(n_train, MAX_PER_CENTROID * nlist) * nlist + min(n_train, 65536) * 256)
+    train = train_flop(cfg, f)
     visits = cfg.nprobe * f.n / nlist  # codes scanned per query
     search_pos = 8 * 5 + 8 * 10 * 2 + s * (8 + 4 + 4)  # search.npz bytes per position
     block = cfg.shard_size * d * 4
@@ -303,9 +310,7 @@ def estimate(cfg: RunConfig, f: Facts, rates: Rates, gpus: int, cpus: int, nodes
             w.seconds = w.flop / rate + load + start
             w.where = f"{gpus} GPU worker(s)" if gpus else f"CPU, {cores} cores"
         elif w.name == "index":
-            n_train = min(cfg.train_size or f.n, f.n)
-            train = 2 * KMEANS_ITERS * f.shape.d * (min(n_train, MAX_PER_CENTROID * nlist) * nlist
-                                                   + min(n_train, 65536) * 256)
+            train = train_flop(cfg, f)
             coarse = 2 * f.shape.d * nlist * f.n
             w.seconds = (train / (driver * rates.train_flops) + coarse / (cores * rates.flat_flops)
                          + (w.flop - train - coarse) / (cores * rates.encode_flops) + start)
@@ -314,9 +319,7 @@ def estimate(cfg: RunConfig, f: Facts, rates: Rates, gpus: int, cpus: int, nodes
             w.seconds, w.where = query_s(f.t) + start, f"{workers} CPU worker(s), {cores} cores"
         elif w.name == "mitigate":  # runs on the driver (its searches are not mapped onto workers)
             kinds, d = len(cfg.whiten_kinds), f.shape.d
-            n_train = min(cfg.train_size or f.n, f.n)
-            train = 2 * KMEANS_ITERS * d * (min(n_train, MAX_PER_CENTROID * nlist) * nlist + min(n_train, 65536) * 256)
-            build = kinds * (train / (driver * rates.train_flops) + 2 * d * nlist * f.n / (driver * rates.flat_flops)
+            build = kinds * (train_flop(cfg, f) / (driver * rates.train_flops) + 2 * d * nlist * f.n / (driver * rates.flat_flops)
                              + 2 * d * 256 * f.n / (driver * rates.encode_flops))
             fit = kinds * 2 * f.n * d * d / (driver * rates.flat_flops)
             queries = (1 + kinds) * (f.t + f.t_valid)
@@ -352,9 +355,7 @@ def calibrate(work_dir: Path, config: str = "configs/ci-tiny.toml") -> Rates:
     work = {w.name: w for w in stage_work(cfg, f)}
     cores = cfg.threads
     nlist, code = ivf(cfg)
-    n_train = min(cfg.train_size or f.n, f.n)
-    train = 2 * KMEANS_ITERS * f.shape.d * (min(n_train, MAX_PER_CENTROID * nlist) * nlist
-                                           + min(n_train, 65536) * 256)
+    train = train_flop(cfg, f)
     train_s = max(stages["index"]["info"].get("index_train_seconds", 0.0), 1e-3)
     query_s, visit_rate = time_search(run_dir, cfg, f)
     flat = time_flat(run_dir, min(f.types, 2048))

@@ -132,14 +132,19 @@ def fresh_run(tmp_path, tiny_run) -> Path:
     return dst
 
 
-@pytest.fixture
-def runs_env(runs_root, monkeypatch):
-    """Point the app at the test runs and start from empty streamlit caches (AppTest tests)."""
+def app_on(root: Path, monkeypatch):
+    """Point the app at the runs in `root`, with empty streamlit caches before and after (AppTest tests)."""
     import streamlit as st
 
-    monkeypatch.setenv("KNNLM_RUNS_DIR", str(runs_root))
+    monkeypatch.setenv("KNNLM_RUNS_DIR", str(root))
     st.cache_data.clear()
     st.cache_resource.clear()
-    yield runs_root
+    yield root
     st.cache_data.clear()
     st.cache_resource.clear()
+
+
+@pytest.fixture
+def runs_env(runs_root, monkeypatch):
+    """The app on the session's test runs."""
+    yield from app_on(runs_root, monkeypatch)

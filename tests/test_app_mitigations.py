@@ -12,8 +12,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-import streamlit as st
+from conftest import app_on
 from streamlit.testing.v1 import AppTest
+from test_app_pages import open_page as open_app_page
 from test_mitigations import _reference
 
 from knnlm_core import adaptive, store
@@ -41,23 +42,12 @@ def mit_root(tmp_path_factory, mitigated_run) -> Path:
 
 @pytest.fixture
 def mit_env(mit_root, monkeypatch):
-    monkeypatch.setenv("KNNLM_RUNS_DIR", str(mit_root))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield mit_root
-    st.cache_data.clear()
-    st.cache_resource.clear()
+    yield from app_on(mit_root, monkeypatch)
 
 
 def open_page(page: str, run: str = "mit", **params) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params["run"] = run
-    at.run()
-    at.switch_page(f"pages/{page}.py")
-    for key, value in params.items():
-        at.query_params[key] = str(value)
-    at.run()
-    assert not at.exception, [e.message for e in at.exception]
+    """test_app_pages.open_page on these runs, with no st.error either."""
+    at = open_app_page(page, run, **params)
     assert not at.error, [e.value for e in at.error]
     return at
 

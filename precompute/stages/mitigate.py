@@ -71,11 +71,6 @@ class WhitenedKeys:
         return self.transform.apply(np.asarray(self.keys[rows]).reshape(-1, self.shape[1]))
 
 
-def ppl(p: np.ndarray) -> float:
-    with np.errstate(divide="ignore"):
-        return float(np.exp(np.mean(-np.log(p))))
-
-
 def score(run: Run, index, queries, targets: np.ndarray, taus: np.ndarray, keys, transform=None,
           idf: np.ndarray | None = None, keep_all: bool = False, desc: str = "") -> dict[str, np.ndarray]:
     """Search `queries` (T, d) (whitened first when `transform`) and score each τ of `taus`.
@@ -140,7 +135,7 @@ def plain_step(run: Run, data: dict, taus: np.ndarray) -> dict[str, np.ndarray]:
     idf = whatif.idf(freq, len(values))
     grid = np.concatenate([[cfg.temperature], taus])
     va = score(run, index, data["valid_q"], data["valid_y"], grid, keys, idf=idf, desc="mitigate: validation, plain")
-    valid_ppl = np.array([ppl(interpolate(data["valid_p_lm"], va["p_knn"][:, g], cfg.lam)) for g in range(len(grid))])
+    valid_ppl = np.array([whatif.overall_ppl(interpolate(data["valid_p_lm"], va["p_knn"][:, g], cfg.lam)) for g in range(len(grid))])
     tau = float(taus[int(np.argmin(valid_ppl[1:]))])  # first minimiser: ties keep the smaller τ
     keep_all = len(data["eval_y"]) * cfg.k <= ALL_NEIGHBOURS_MAX
     ev = score(run, index, data["eval_q"], data["eval_y"], np.array([cfg.temperature, tau]), keys, idf=idf,
@@ -189,7 +184,7 @@ def whiten_step(run: Run, key: str, kind: str, data: dict, taus: np.ndarray) -> 
     set_nprobe(index, cfg.nprobe)
     va = score(run, index, data["valid_q"], data["valid_y"], taus, view, transform,
                desc=f"mitigate: validation, {kind}")
-    valid_ppl = np.array([ppl(interpolate(data["valid_p_lm"], va["p_knn"][:, g], cfg.lam)) for g in range(len(taus))])
+    valid_ppl = np.array([whatif.overall_ppl(interpolate(data["valid_p_lm"], va["p_knn"][:, g], cfg.lam)) for g in range(len(taus))])
     best = int(np.argmin(valid_ppl))
     ev = score(run, index, data["eval_q"], data["eval_y"], taus[best : best + 1], view, transform,
                desc=f"mitigate: evaluation, {kind}")
@@ -241,14 +236,14 @@ def describe(run: Run, data: dict, plain: dict, whitened: dict, rules: dict, per
     n_valid = len(data["valid_y"])
     where = f"validation: {cfg.valid_corpus} ({n_valid:,} tokens)"
     grid_note = f"τ grid 2^-2 … 2^14 (4 per octave) and the run's τ, chosen on {where}"
-    valid_plain = ppl(interpolate(vp_lm, plain["valid_p_knn"], lam))
+    valid_plain = whatif.overall_ppl(interpolate(vp_lm, plain["valid_p_knn"], lam))
 
     def row(variant, family, tau, p_col, lam_col, valid_ppl, notes, eps=None):
         p_knn = data["eval_p_knn"] if p_col is None else per_pos[p_col]
         lam_v = lam if lam_col is None else per_pos[lam_col]
         return {"variant": variant, "label": VARIANT_LABELS[variant], "family": family, "tau": float(tau),
                 "lam": None if lam_col else lam, "p_knn_column": p_col, "lam_column": lam_col, "eps": eps,
-                "valid_ppl_lm": ppl(vp_lm), "valid_ppl": valid_ppl, "ppl": ppl(interpolate(p_lm, p_knn, lam_v)),
+                "valid_ppl_lm": whatif.overall_ppl(vp_lm), "valid_ppl": valid_ppl, "ppl": whatif.overall_ppl(interpolate(p_lm, p_knn, lam_v)),
                 "notes": notes}
 
     tau = float(plain["tau"])
@@ -256,13 +251,13 @@ def describe(run: Run, data: dict, plain: dict, whitened: dict, rules: dict, per
         row("plain", "baseline", cfg.temperature, None, None, valid_plain, "the run's own settings"),
         row("tau", "temperature", tau, "p_knn_tau", None, float(plain["valid_ppl_by_tau"].min()), grid_note),
         row("idf", "weighting", cfg.temperature, "p_knn_idf", None,
-            ppl(interpolate(vp_lm, plain["valid_p_knn_idf"], lam)), "neighbour weight exp(-d/τ)·ln(1 + N/freq(v)), renormalised; run's τ"),
+            whatif.overall_ppl(interpolate(vp_lm, plain["valid_p_knn_idf"], lam)), "neighbour weight exp(-d/τ)·ln(1 + N/freq(v)), renormalised; run's τ"),
     ]
     for name, col, feature in (("adaptive-nn", "lam_nn", plain["valid_nn_dist"]),
                                ("adaptive-entropy", "lam_entropy", data["valid_entropy"])):
         r = rules[name]
         rows.append(row(name, "adaptive λ", cfg.temperature, None, col,
-                        ppl(interpolate(vp_lm, plain["valid_p_knn"], r.apply(feature))),
+                        whatif.overall_ppl(interpolate(vp_lm, plain["valid_p_knn"], r.apply(feature))),
                         f"{r.n_bins} equal-population bins of {r.feature} fitted on {where}; λ grid 0…1 step 0.01"))
     for kind, w in whitened.items():
         rows.append(row(kind, "whitening", float(w["tau"]), f"p_knn_{kind}", None, float(w["valid_ppl_by_tau"].min()),
