@@ -36,6 +36,7 @@ class RunConfig:
     datastore_limit_tokens: int = 0  # 0 = whole file
     eval_corpus: str = "data/corpora/wikitext2-test.raw.gz"
     eval_limit_tokens: int = 0  # 0 = whole file
+    doc_block_tokens: int = 2048  # SPEC §11: text without ` = Title = ` articles: documents of this many positions
     eval_domain: str = ""  # in-domain | out-of-domain (of the eval text vs the LM's and datastore's); "" = unstated
     # --- index (SPEC §2) ---
     index_factory: str = "IVF4096,PQ64"  # faiss index_factory string (8-bit PQ codes)
@@ -93,6 +94,7 @@ class RunConfig:
              "valid_corpus = \"data/corpora/wikitext2-valid.raw.gz\""),
             (self.whiten_eps > 0, "whiten_eps must be > 0"),
             (self.adaptive_bins >= 1, "adaptive_bins must be >= 1"),
+            (self.doc_block_tokens >= 1, "doc_block_tokens must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
