@@ -44,7 +44,7 @@ from precompute.extract import extract  # noqa: E402
 from precompute.pipeline import resolve_windows  # noqa: E402
 
 DEFAULT_MODEL = "data/models/demo-gpt2"
-FALLBACK_TOKENIZER = "data/tokenizers/gpt2"
+FALLBACK_TOKENIZER = "data/models/demo-gpt2"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

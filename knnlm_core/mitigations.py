@@ -46,10 +46,17 @@ def compare_to_plain(per_variant: dict[str, pd.DataFrame]) -> pd.DataFrame:
         out["delta_ppl_pct"] = 100.0 * out["delta_ppl"] / out["ppl_plain"]
         out["delta_share_harmed"] = out["share_harmed"] - out.pop("share_harmed_plain")
         out["verdict"] = "baseline" if name == PLAIN else [verdict(d) for d in out["delta_ppl_pct"]]
+        if "change_vs_plain_ci_lo" in df:  # SPEC §11: the paired interval of the change decides the verdict
+            for end in ("lo", "hi"):
+                out[f"delta_ppl_pct_ci_{end}"] = 100.0 * df[f"change_vs_plain_ci_{end}"].to_numpy()
+            out["n_docs"], out["ci_note"] = df["n_docs"].to_numpy(), df["ci_note"].to_numpy()
+            if name != PLAIN:
+                out["verdict"] = df["vs_plain"].to_numpy()
         parts.append(out)
     out = pd.concat(parts, ignore_index=True)
-    first = ["variant", "freq_bin", "bin", "n_tokens", "ppl_lm", "ppl_plain", "ppl", "delta_ppl", "delta_ppl_pct",
-             "verdict", "share_harmed", "delta_share_harmed"]
+    first = ["variant", "freq_bin", "bin", "n_tokens", "n_docs", "ppl_lm", "ppl_plain", "ppl", "delta_ppl",
+             "delta_ppl_pct", "delta_ppl_pct_ci_lo", "delta_ppl_pct_ci_hi", "verdict", "share_harmed",
+             "delta_share_harmed"]
     return out[[c for c in first if c in out] + [c for c in out if c not in first]]
 
 
@@ -74,9 +81,28 @@ def group_change_pct(compared: pd.DataFrame, variant: str, lo: int, hi: int) -> 
     return 100.0 * (_pooled_ppl(rows, "ppl") / _pooled_ppl(rows, "ppl_plain") - 1.0) if len(rows) else float("nan")
 
 
-def rare_bin_verdict(compared: pd.DataFrame, variant: str, label: str | None = None) -> str:
+def _group_phrase(groups: pd.DataFrame, grp: str, what: str) -> str | None:
+    """'<verdict> <what>: PPL +x.x% [lo, hi]' from a queries.variant_group_changes row (SPEC §11), None if absent."""
+    row = groups[groups["grp"] == grp]
+    if row.empty:
+        return None
+    r = row.iloc[0]
+    interval = "no interval" if pd.isna(r["change_vs_plain_ci_lo"]) else \
+        f"95% CI {100 * r['change_vs_plain_ci_lo']:+.1f} … {100 * r['change_vs_plain_ci_hi']:+.1f}%"
+    verb = {"helps": "helps", "hurts": "hurts"}.get(r["vs_plain"], "no significant difference on")
+    return f"{verb} {what}: PPL {100 * r['change_vs_plain']:+.1f}% ({interval}, {int(r['n_docs'])} documents)"
+
+
+def rare_bin_verdict(compared: pd.DataFrame, variant: str, label: str | None = None,
+                     groups: pd.DataFrame | None = None) -> str:
     """One sentence: does `variant` help or hurt the rare bins (freq < 1,000), and what does it
-    cost (or give) the frequent bins (freq ≥ 10k); pooled PPL change vs plain, SAME_PCT threshold."""
+    cost (or give) the frequent bins (freq ≥ 10k); pooled PPL change vs plain. With `groups`
+    (queries.variant_group_changes) the verdicts come from the paired intervals (SPEC §11),
+    otherwise from the SAME_PCT threshold."""
+    if groups is not None:
+        rare = _group_phrase(groups, "rare", "the rare bins (freq < 1,000)") or "no rare-bin tokens in this run"
+        freq = _group_phrase(groups, "frequent", "the frequent bins (≥ 10k)") or "no frequent-bin tokens in this run"
+        return f"{label or variant}: {rare}; {freq}."
     rare = group_change_pct(compared, variant, *RARE_BINS)
     freq = group_change_pct(compared, variant, FREQUENT_MIN_BIN, 10**6)
     if np.isnan(rare):
@@ -117,15 +143,21 @@ def bin_summary_from_arrays(
     })
 
 
-def oracle_summary(freq_bin: np.ndarray, p_lm: np.ndarray, p_knn: np.ndarray) -> pd.DataFrame:
+def oracle_summary(freq_bin: np.ndarray, p_lm: np.ndarray, p_knn: np.ndarray,
+                   with_nll: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
     """ORACLE (upper bound) per bin: λ of the bin = adaptive.oracle_by_bin (fitted on these very
-    targets' bins), with the columns of bin_summary_from_arrays plus `lam`."""
+    targets' bins), with the columns of bin_summary_from_arrays plus `lam`; with_nll: also the (T,)
+    per-position NLL under it (for SPEC §11 intervals)."""
     lam_by_bin = adaptive.oracle_by_bin(freq_bin, p_lm, p_knn)
     bins, inv = np.unique(np.asarray(freq_bin), return_inverse=True)
     lam = np.array([lam_by_bin[int(b)] for b in bins])[inv.ravel()]  # (T,)
     out = bin_summary_from_arrays(freq_bin, p_lm, p_knn, lam)
     out["lam"] = [lam_by_bin[int(b)] for b in out["freq_bin"]]
-    return out
+    if not with_nll:
+        return out
+    with np.errstate(divide="ignore"):
+        nll = -np.log(lam * np.asarray(p_knn, np.float64) + (1.0 - lam) * np.asarray(p_lm, np.float64))
+    return out, nll
 
 
 def with_variant(summary: pd.DataFrame, variant: pd.DataFrame) -> pd.DataFrame:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import duckdb
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from knnlm_core import intervals
 from knnlm_core.bins import bin_labels
 from knnlm_core.store import HIT_KS
 
@@ -139,16 +141,20 @@ def bin_summary(
     SELECT agg.*, ty.n_types_datastore, ty.mean_cv, ty.mean_contamination, ty.mean_pq_error
     FROM agg LEFT JOIN ty USING (freq_bin) ORDER BY freq_bin
     """
-    return add_bin_label(_df(cur, sql, [float(run_k), *params, *t_params]))
+    df = add_bin_label(_df(cur, sql, [float(run_k), *params, *t_params]))
+    return intervals.with_intervals(df, intervals.bin_intervals(cur, run_k, ks, where, params))
 
 
 def overall(cur: duckdb.DuckDBPyConnection, bin_lo=None, bin_hi=None, token_ids=None, outcome="all") -> dict:
-    """Totals over the filtered evaluation tokens: n, PPL LM / kNN-LM, share harmed."""
+    """Totals over the filtered evaluation tokens: n, PPL LM / kNN-LM, share harmed, and (SPEC §11) their
+    intervals, kNN-LM's relative change vs the LM (`ppl_change`) with its verdict `knnlm_vs_lm`, n_docs."""
     where, params = eval_filter(bin_lo, bin_hi, token_ids, outcome)
     sql = f"""SELECT count(*) AS n_tokens, exp(avg(nll_lm)) AS ppl_lm, exp(avg(nll_knnlm)) AS ppl_knnlm,
                      avg((gain < 0)::DOUBLE) AS share_harmed, avg(gain) AS mean_gain
               FROM eval_tokens WHERE {where}"""
-    return _df(cur, sql, params).iloc[0].to_dict()
+    out = _df(cur, sql, params).iloc[0].to_dict()
+    ci = intervals.overall_intervals(cur, where, params)
+    return {**{k: v for k, v in ci.items() if k not in ("all_bins",)}, **out}
 
 
 # --------------------------------------------------------------------------- correlations
@@ -225,7 +231,7 @@ def find_types(cur: duckdb.DuckDBPyConnection, query: str, limit: int = 50) -> p
     (ignoring surrounding whitespace and case) first, then as a substring; frequent first."""
     query = (query or "").strip("\n")
     cols = "token_id, token, freq, freq_bin, cv, contamination, pq_error_mean, eval_count"
-    if query.strip().lstrip("-").isdigit():
+    if re.fullmatch(r"-?[0-9]{1,9}", query.strip()):  # ASCII ('²'.isdigit() but not int()), fits INTEGER
         df = _df(cur, f"SELECT {cols} FROM token_types WHERE token_id = ?", [int(query.strip())])
         return add_bin_label(df)
     if not query.strip():
@@ -375,7 +381,9 @@ def exact_bin_summary(cur: duckdb.DuckDBPyConnection, run_k: int, lam: float) ->
     FROM agg ORDER BY freq_bin
     """
     lam_params = [float(lam), float(lam)] * len(EXACT_SETTINGS)
-    return add_bin_label(_df(cur, sql, lam_params))
+    df = add_bin_label(_df(cur, sql, lam_params))
+    recall_ks = tuple(k for k in (16, 64, 1024) if k <= run_k)
+    return intervals.with_intervals(df, intervals.exact_intervals(cur, lam, ks, recall_ks))
 
 
 def exact_overall(cur: duckdb.DuckDBPyConnection, lam: float) -> dict:
@@ -431,7 +439,7 @@ def word_bin_summary(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
                     avg(nll_lm - nll_knnlm) AS mean_gain, avg((nll_knnlm > nll_lm)::DOUBLE) AS share_harmed,
                     avg(n_tokens) AS mean_tokens_per_word
              FROM eval_words GROUP BY freq_bin ORDER BY freq_bin"""
-    return add_bin_label(_df(cur, sql))
+    return intervals.with_intervals(add_bin_label(_df(cur, sql)), intervals.word_intervals(cur))
 
 
 def word_overall(cur: duckdb.DuckDBPyConnection) -> dict:
@@ -534,8 +542,10 @@ def _variant_sql(cur: duckdb.DuckDBPyConnection, variant: str) -> tuple[str, str
 def _variant_positions(cur: duckdb.DuckDBPyConnection, variant: str) -> tuple[str, list]:
     """SQL (a subquery) of per-position freq_bin, nll_lm, p_knn_v, lam_v, nll_v of a variant, and its params."""
     p_knn, lam, params = _variant_sql(cur, variant)
-    sql = f"""(SELECT freq_bin, nll_lm, p_knn_v, lam_v, -ln(lam_v * p_knn_v + (1 - lam_v) * p_lm) AS nll_v
-               FROM (SELECT e.freq_bin, e.nll_lm, e.p_lm, {p_knn} AS p_knn_v, {lam} AS lam_v
+    sql = f"""(SELECT freq_bin, doc_id, nll_lm, nll_plain, p_knn_v, lam_v,
+                      -ln(lam_v * p_knn_v + (1 - lam_v) * p_lm) AS nll_v
+               FROM (SELECT e.freq_bin, e.doc_id, e.nll_lm, e.nll_knnlm AS nll_plain, e.p_lm, {p_knn} AS p_knn_v,
+                            {lam} AS lam_v
                      FROM eval_tokens e LEFT JOIN mitigation_tokens m USING (pos)))"""
     return sql, params
 
@@ -550,7 +560,17 @@ def variant_bin_summary(cur: duckdb.DuckDBPyConnection, variant: str) -> pd.Data
     mean_gain (nats), share_harmed (variant NLL > LM NLL, i.e. gain < 0), mean_p_knn, mean_lambda."""
     positions, params = _variant_positions(cur, variant)
     sql = f"SELECT freq_bin, {VARIANT_AGGREGATES} FROM {positions} GROUP BY freq_bin ORDER BY freq_bin"
-    return add_bin_label(_df(cur, sql, params))
+    df = add_bin_label(_df(cur, sql, params))
+    return intervals.with_intervals(df, intervals.variant_intervals(cur, positions, params))
+
+
+def variant_group_changes(cur: duckdb.DuckDBPyConnection, variant: str) -> pd.DataFrame:
+    """The variant's PPL change vs plain pooled over the rare (1 ≤ freq < 1,000) and the frequent (≥ 10k)
+    bins, with intervals (columns group, change_vs_plain, _ci_lo, _ci_hi, vs_plain, n_tokens, n_docs)."""
+    positions, params = _variant_positions(cur, variant)
+    grouped = f"""(SELECT *, CASE WHEN freq_bin BETWEEN 0 AND 2 THEN 'rare' WHEN freq_bin >= 4 THEN 'frequent'
+                                ELSE 'other' END AS grp FROM {positions})"""
+    return intervals.variant_intervals(cur, grouped, params, group="grp")
 
 
 def variant_overall(cur: duckdb.DuckDBPyConnection, variant: str) -> dict:
@@ -564,5 +584,44 @@ def oracle_bin_summary(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     columns of variant_bin_summary plus `lam`. Loads three per-position columns (freq_bin, p_lm, p_knn)."""
     from knnlm_core import mitigations
 
-    ev = _df(cur, "SELECT freq_bin, p_lm, p_knn FROM eval_tokens ORDER BY pos")
-    return mitigations.oracle_summary(ev["freq_bin"].to_numpy(), ev["p_lm"].to_numpy(), ev["p_knn"].to_numpy())
+    ev = _df(cur, "SELECT freq_bin, p_lm, p_knn, doc_id, nll_knnlm FROM eval_tokens ORDER BY pos")
+    out, nll = mitigations.oracle_summary(ev["freq_bin"].to_numpy(), ev["p_lm"].to_numpy(), ev["p_knn"].to_numpy(),
+                                          with_nll=True)
+    ci = intervals.per_position_intervals(
+        ev["doc_id"].to_numpy(), ev["freq_bin"].to_numpy(), intervals.n_docs(cur),
+        {"nll_v": nll, "nll_plain": ev["nll_knnlm"].to_numpy()},
+        [intervals.bs.ppl("ppl", "nll_v"), intervals.bs.ppl_change("change_vs_plain", "nll_v", "nll_plain")])
+    return intervals.with_intervals(out, intervals.add_verdict(ci, "change_vs_plain", "vs_plain", "helps", "hurts"))
+
+
+def oracle_group_changes(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """The oracle per-bin λ's PPL change vs plain pooled over the rare and the frequent bins (as
+    variant_group_changes)."""
+    from knnlm_core import mitigations
+
+    ev = _df(cur, "SELECT freq_bin, p_lm, p_knn, doc_id, nll_knnlm, nll_lm FROM eval_tokens ORDER BY pos")
+    _, nll = mitigations.oracle_summary(ev["freq_bin"].to_numpy(), ev["p_lm"].to_numpy(), ev["p_knn"].to_numpy(),
+                                        with_nll=True)
+    ci = intervals.per_position_intervals(
+        ev["doc_id"].to_numpy(), intervals.pooled_groups(ev["freq_bin"].to_numpy()), intervals.n_docs(cur),
+        {"nll_v": nll, "nll_plain": ev["nll_knnlm"].to_numpy()},
+        [intervals.bs.ppl_change("change_vs_plain", "nll_v", "nll_plain")])
+    return intervals.group_names(intervals.add_verdict(ci, "change_vs_plain", "vs_plain", "helps", "hurts"))
+
+
+def doc_bin_sums(cur: duckdb.DuckDBPyConnection, variant: str = PLAIN) -> pd.DataFrame:
+    """Per (doc_id, freq_bin): n_tokens, nll_lm and nll_knnlm sums (the variant's kNN-LM NLL for a variant)."""
+    if variant == PLAIN:
+        return intervals.doc_sums(cur, {"nll_lm": "nll_lm", "nll_knnlm": "nll_knnlm"})
+    positions, params = _variant_positions(cur, variant)
+    return intervals.doc_sums(cur, {"nll_lm": "nll_lm", "nll_knnlm": "nll_v"}, source=positions, params=params)
+
+
+def doc_ids(cur: duckdb.DuckDBPyConnection) -> np.ndarray:
+    """(T,) int32 document of every evaluation position (SPEC §11), in position order."""
+    return _df(cur, "SELECT doc_id FROM eval_tokens ORDER BY pos")["doc_id"].to_numpy(np.int32)
+
+
+def documents(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """The run's evaluation documents: doc_id, first_pos, n_positions, title."""
+    return _df(cur, "SELECT * FROM documents ORDER BY doc_id")

@@ -15,7 +15,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: documents (SPEC §11): eval_tokens.doc_id, documents, doc_bin_stats, run.doc_mode
 DB_NAME = "metrics.duckdb"
 HIT_KS = (1, 8, 16, 64, 256, 1024)
 
@@ -26,7 +26,8 @@ CREATE TABLE run (
     distance_source VARCHAR, ppl_lm DOUBLE, ppl_knnlm DOUBLE,
     schema_version INTEGER, store_neighbors INTEGER, hook_point VARCHAR, contamination_mode VARCHAR,
     datastore_corpus VARCHAR, eval_corpus VARCHAR, created_at VARCHAR, config_json VARCHAR,
-    eval_domain VARCHAR, exact_search BOOLEAN, datastore_sha256 VARCHAR, datastore_tokens_from VARCHAR
+    eval_domain VARCHAR, exact_search BOOLEAN, datastore_sha256 VARCHAR, datastore_tokens_from VARCHAR,
+    n_docs INTEGER, doc_mode VARCHAR, doc_block_tokens INTEGER
 );
 CREATE TABLE eval_tokens (
     pos INTEGER, token_id INTEGER, token VARCHAR, freq BIGINT, freq_bin SMALLINT,
@@ -35,7 +36,7 @@ CREATE TABLE eval_tokens (
     target_rank INTEGER, n_target INTEGER, query_pq_error DOUBLE, context_freq BIGINT,
     context_token_id INTEGER, knn_log_z DOUBLE,
     recall_16 DOUBLE, recall_64 DOUBLE, recall_1024 DOUBLE,
-    p_knn_ivf_pq DOUBLE, p_knn_ivf_exact DOUBLE, p_knn_exact DOUBLE, exact_target_rank INTEGER
+    p_knn_ivf_pq DOUBLE, p_knn_ivf_exact DOUBLE, p_knn_exact DOUBLE, exact_target_rank INTEGER, doc_id INTEGER
 );
 CREATE TABLE token_types (
     token_id INTEGER, token VARCHAR, freq BIGINT, freq_bin SMALLINT, cv DOUBLE, contamination DOUBLE,
@@ -129,6 +130,30 @@ def write_mitigations(con: duckdb.DuckDBPyConnection, tables: dict[str, pd.DataF
     con.execute(f"CREATE VIEW mitigation_tokens AS SELECT {keep}{lams} FROM mitigation_tokens_data")
 
 
+DOCUMENT_TYPES = {"doc_id": "INTEGER", "first_pos": "INTEGER", "n_positions": "INTEGER", "title": "VARCHAR"}
+
+# SPEC §11: per (document, frequency bin) sums behind every per-bin figure, so that a bootstrap is a
+# resampling of these rows (knnlm_core.bootstrap). A view: it costs the shipped runs no data block.
+DOC_BIN_STATS_SQL = f"""
+CREATE VIEW doc_bin_stats AS
+SELECT e.doc_id, e.freq_bin, count(*) AS n_tokens,
+       sum(e.nll_lm) AS sum_nll_lm, sum(e.nll_knnlm) AS sum_nll_knnlm,
+       sum(e.p_lm) AS sum_p_lm, sum(e.p_knn) AS sum_p_knn, sum((e.gain < 0)::INTEGER) AS n_harmed,
+       {", ".join(f"sum(e.hit_{k}::INTEGER) AS n_hit_{k}" for k in HIT_KS)},
+       sum(e.recall_16) AS sum_recall_16, sum(e.recall_64) AS sum_recall_64, sum(e.recall_1024) AS sum_recall_1024,
+       {", ".join(f"sum(-ln(r.lam * e.{c} + (1 - r.lam) * e.p_lm)) AS sum_nll_{c[6:]}"
+                  for c in ("p_knn_ivf_pq", "p_knn_ivf_exact", "p_knn_exact"))}
+FROM eval_tokens e, (SELECT "lambda" AS lam FROM run) r
+GROUP BY e.doc_id, e.freq_bin
+"""
+
+
+def write_documents(con: duckdb.DuckDBPyConnection, documents: pd.DataFrame) -> None:
+    """The `documents` relation (a VALUES view: no data block) and the `doc_bin_stats` view."""
+    _values_view(con, "documents", documents, DOCUMENT_TYPES)
+    con.execute(DOC_BIN_STATS_SQL)
+
+
 SHARED_DATASTORE = "shared_ds"  # catalog alias of the run whose datastore_tokens a run shares
 
 
@@ -143,6 +168,7 @@ def write_database(path: Path, tables: dict[str, pd.DataFrame], datastore_from: 
     is not stored but a view on that run's table, which `open_readonly` attaches.
     """
     missing = set(TABLE_ORDER) - set(tables) - ({"datastore_tokens"} if datastore_from else set())
+    missing |= {"documents"} - set(tables)
     if missing:
         raise ValueError(f"tables missing from the run: {sorted(missing)}")
     path = Path(path)
@@ -165,6 +191,7 @@ def write_database(path: Path, tables: dict[str, pd.DataFrame], datastore_from: 
             con.execute(f"INSERT INTO {name} SELECT {cols} FROM frame{order_sql}")
         if "mitigations" in tables:
             write_mitigations(con, tables)
+        write_documents(con, tables["documents"])
         con.execute("CHECKPOINT")
     finally:
         con.close()

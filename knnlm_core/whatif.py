@@ -594,6 +594,30 @@ def ppl_by_bin(freq_bin: np.ndarray, p_lm: np.ndarray, p: np.ndarray) -> pd.Data
     )
 
 
+def scenario_table(run_bins: pd.DataFrame, data: StoredNeighbours, scenarios: dict[str, np.ndarray],
+                   doc_id: np.ndarray, n_docs: int, run_lam: float) -> pd.DataFrame:
+    """Per bin: the run's PPLs (from queries.bin_summary, with their intervals) and, for each scenario's
+    p_kNNLM (T,), `ppl_<name>` and `change_<name>` (relative to the run's kNN-LM, paired) with SPEC §11
+    intervals and the verdict `<name>_vs_run`."""
+    from knnlm_core import bootstrap as bs
+    from knnlm_core.intervals import add_verdict, per_position_intervals
+
+    keep = ["freq_bin", "bin", "n_tokens", "n_docs", "ppl_lm", "ppl_lm_ci_lo", "ppl_lm_ci_hi", "ppl_knnlm",
+            "ppl_knnlm_ci_lo", "ppl_knnlm_ci_hi"]
+    table = run_bins[[c for c in keep if c in run_bins]].rename(
+        columns=lambda c: c.replace("ppl_knnlm", "ppl_knnlm_run"))
+    with np.errstate(divide="ignore"):
+        sums = {"nll_run": -np.log(knn.interpolate(data.p_lm, data.p_knn_run, run_lam)),
+                **{f"nll_{i}": -np.log(p) for i, p in enumerate(scenarios.values())}}
+    figs = []
+    for i, name in enumerate(scenarios):
+        figs += [bs.ppl(f"ppl_{name}", f"nll_{i}"), bs.ppl_change(f"change_{name}", f"nll_{i}", "nll_run")]
+    ci = per_position_intervals(doc_id, data.freq_bin, n_docs, sums, figs)
+    for name in scenarios:
+        add_verdict(ci, f"change_{name}", f"{name}_vs_run", "lower", "higher")
+    return table.merge(ci.drop(columns=["n_tokens", "n_docs", "ci_note"]), on="freq_bin", how="left")
+
+
 def overall_ppl(p: np.ndarray) -> float:
     """exp(mean -ln p) over all positions."""
     with np.errstate(divide="ignore"):

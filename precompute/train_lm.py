@@ -14,9 +14,9 @@ import math
 import os
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import get_type_hints
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class TrainConfig:
 
     train_corpus: str = "data/corpora/wikitext2-train.tokens.gz"  # text the LM learns from
     valid_corpus: str = "data/corpora/wikitext2-valid.raw.gz"  # raw WikiText-2 valid for PPL
-    tokenizer: str = "data/tokenizers/gpt2"  # GPT-2 BPE files (vocab.json + merges.txt)
+    tokenizer: str = "data/models/demo-gpt2"  # GPT-2 BPE files (vocab.json + merges.txt)
     out_dir: str = "data/models/demo-gpt2"  # exported HF model folder
     work_dir: str = "data/models/.demo-gpt2-work"  # checkpoints (not shipped)
     n_layer: int = 4
@@ -54,13 +54,43 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: Path) -> TrainConfig:
-        """Load from a TOML file; unknown keys are an error."""
-        data = tomllib.loads(Path(path).read_text())
+        """Load from a TOML file: unknown keys, wrong types (from the annotations) and out-of-range
+        values are one-line ConfigErrors."""
+        from knnlm_core.config import ConfigError, Rule, read_toml, type_ok
+
+        data = read_toml(Path(path))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown keys in {path}: {unknown} (known: {sorted(known)})")
-        return cls(**data)
+            raise ConfigError(f"unknown keys in {path}: {unknown} (known: {sorted(known)})")
+        hints = get_type_hints(cls)
+        for name, value in data.items():
+            rule = TRAIN_RULES.get(name, Rule())
+            if not type_ok(value, hints[name]) or (not isinstance(value, (str, bool)) and not rule.ok(value)):
+                allowed = f"{hints[name].__name__}" + (f", {rule.allowed()}" if name in TRAIN_RULES else "")
+                raise ConfigError(f"invalid config: {name} = {value!r} (from {path}): allowed {allowed}; fix: write "
+                                  f"it like the default, {name} = {getattr(cls, name)!r}")
+        cfg = cls(**{k: float(v) if hints[k] is float else v for k, v in data.items()})
+        if cfg.n_embd % cfg.n_head:
+            raise ConfigError(f"invalid config: n_embd = {cfg.n_embd} is not divisible by n_head = {cfg.n_head} "
+                              f"(from {path}); fix: choose n_head dividing n_embd")
+        return cfg
+
+
+def _train_rules() -> dict:
+    """Ranges of TrainConfig's numbers (types come from its annotations)."""
+    from knnlm_core.config import Rule
+
+    positive = ("n_layer", "n_embd", "n_head", "n_positions", "block_size", "batch_size", "epochs", "lr", "threads",
+                "checkpoint_every", "eval_stride")
+    rules = {name: Rule(lo=0, lo_open=True) for name in positive}
+    rules.update({name: Rule(lo=0) for name in ("warmup_steps", "weight_decay", "grad_clip", "val_tokens", "seed")})
+    rules.update(min_lr_ratio=Rule(lo=0, hi=1), dropout=Rule(lo=0, hi=1))
+    rules["threads"] = Rule(lo=1, hi=1024)
+    return rules
+
+
+TRAIN_RULES = _train_rules()
 
 
 def resolve(path: str) -> Path:
@@ -270,16 +300,16 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m precompute.train_lm", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path, help="TOML file with TrainConfig fields")
-    args = parser.parse_args(argv)
-    try:
-        cfg = TrainConfig.from_toml(args.config)
-    except (OSError, ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    train(cfg)
-    return 0
+    from precompute.cli import Parser, path_arg, run_cli
+
+    def body() -> int:
+        parser = Parser(prog="python -m precompute.train_lm", description=__doc__.splitlines()[0])
+        parser.add_argument("--config", required=True, type=path_arg, help="TOML file with TrainConfig fields")
+        args = parser.parse_args(argv)
+        train(TrainConfig.from_toml(args.config))
+        return 0
+
+    return run_cli(body, "train_lm")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = REPO / "data" / "tokenizers" / "gpt2"
+TOKENIZER_DIR = REPO / "data" / "models" / "demo-gpt2"  # the GPT-2 BPE files ship with the demo LM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -11,7 +11,7 @@ import pytest
 from knnlm_core.config import REPO_ROOT
 from knnlm_core.corpus import CorpusError, file_sha256, load_tokenizer, read_text, tokenize_file, tokenize_text
 
-TOKENIZER_DIR = REPO_ROOT / "data" / "tokenizers" / "gpt2"
+TOKENIZER_DIR = REPO_ROOT / "data" / "models" / "demo-gpt2"  # the GPT-2 BPE files ship with the demo LM
 CORPORA = REPO_ROOT / "data" / "corpora"
 
 
@@ -103,3 +103,15 @@ def test_tokenize_file_limit_and_too_short(tmp_path, tokenizer):
     (tmp_path / "one.txt").write_text("Hello")
     with pytest.raises(CorpusError, match="fewer than 2 tokens"):
         tokenize_file(tmp_path / "one.txt", tokenizer)
+
+
+def test_bare_bpe_folder_loads_the_same_tokenizer(tmp_path, tokenizer):
+    """A folder with only vocab.json + merges.txt (no tokenizer_config.json) gives the GPT-2 tokenizer."""
+    import shutil
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(TOKENIZER_DIR / name, tmp_path / name)
+    bare = load_tokenizer(str(tmp_path))
+    text = " = Valkyria Chronicles III = \n Senjō no Valkyria 3 : Unrecorded Chronicles\n"
+    assert len(bare) == len(tokenizer) == 50257
+    assert tokenize_text(text, bare).tolist() == tokenize_text(text, tokenizer).tolist()

@@ -136,12 +136,32 @@ def test_crisis_by_bin_and_verdict():
     table = findings.crisis_by_bin(df)
     assert list(table.loc[table["freq_bin"].between(0, 2), "kNN-LM"]) == ["helps", "helps", "helps"]
     ok, sentence = findings.crisis_holds(df)
-    assert ok is False and "in none of" in sentence
+    assert ok is False and "lowers perplexity in a rare bin" in sentence
     ok, sentence = findings.crisis_holds(_bins_frame())
-    assert ok is False and "1–9, 10–99" in sentence  # bin 100–999 is helped in the paper-shaped frame
+    assert ok is False and "1–9" in sentence  # bin 100–999 is helped in the paper-shaped frame
     harm_all = _bins_frame()
     harm_all.loc[harm_all["freq_bin"] == 2, "ppl_knnlm"] = 1000.0
     assert findings.crisis_holds(harm_all)[0] is True
+
+
+def test_crisis_verdicts_follow_the_intervals():
+    """SPEC §11: with interval columns, a bin counts as harmed / helped only when the interval excludes 0."""
+    df = _bins_frame()
+    df.loc[df["freq_bin"] == 2, "ppl_knnlm"] = 1000.0  # every rare bin's point estimate is harmed
+    df["ppl_change"] = df["ppl_knnlm"] / df["ppl_lm"] - 1
+    df["ppl_change_ci_lo"], df["ppl_change_ci_hi"] = df["ppl_change"] - 0.01, df["ppl_change"] + 0.01
+    df["knnlm_vs_lm"] = ["harms" if lo > 0 else "helps" if hi < 0 else "no significant difference"
+                         for lo, hi in zip(df["ppl_change_ci_lo"], df["ppl_change_ci_hi"])]
+    assert findings.crisis_holds(df)[0] is True
+    wide = df.copy()
+    wide.loc[wide["freq_bin"] == 0, "ppl_change_ci_lo"] = -0.5  # the 1–9 interval now includes 0
+    wide.loc[wide["freq_bin"] == 0, "knnlm_vs_lm"] = "no significant difference"
+    ok, sentence = findings.crisis_holds(wide)
+    assert ok is None and "not significant" in sentence and "[" in sentence
+    finding = findings.helps_high_hurts_low(wide)
+    assert finding.ok is None and finding.ns and "No significant difference in 1–9" in finding.note
+    assert findings.to_frame([finding])["verdict"].iloc[0] == "≈"
+    assert findings.helps_high_hurts_low(df).ok is True
 
 
 def test_findings_explain_disagreement():
@@ -166,3 +186,17 @@ def test_pure_modules_import_neither_streamlit_nor_torch():
         "bad = [m for m in ('streamlit', 'torch') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_interval_columns_become_error_bars():
+    """A column with `<col>_ci_lo` / `<col>_ci_hi` is drawn with asymmetric error bars; one without gets none."""
+    df = _bins_frame()
+    df["ppl_knnlm_ci_lo"], df["ppl_knnlm_ci_hi"] = df["ppl_knnlm"] * 0.9, df["ppl_knnlm"] * 1.2
+    df.loc[0, ["ppl_knnlm_ci_lo", "ppl_knnlm_ci_hi"]] = np.nan  # a bin without an interval: no bar
+    lm, knn = figures.ppl_by_bin(df).data
+    assert lm.error_y.array is None
+    np.testing.assert_allclose(knn.error_y.array[1:], (df["ppl_knnlm"] * 0.2)[1:])
+    np.testing.assert_allclose(knn.error_y.arrayminus[1:], (df["ppl_knnlm"] * 0.1)[1:])
+    assert knn.error_y.array[0] == 0 and knn.error_y.arrayminus[0] == 0
+    line = figures.lines_by_bin(df, {"ppl_knnlm": "x"}, "t", "y").data[0]
+    np.testing.assert_allclose(line.error_y.array[1:], (df["ppl_knnlm"] * 0.2)[1:])

@@ -15,6 +15,7 @@ from knnlm_core import adaptive, mitigations, queries, store
 T = 600
 BINS = np.array([-1, 0, 1, 2, 3, 4])
 LAM = 0.25
+N_DOCS = 12  # documents of the synthetic evaluation (SPEC §11 intervals)
 
 
 def _tables(seed: int = 0) -> dict[str, pd.DataFrame]:
@@ -29,7 +30,7 @@ def _tables(seed: int = 0) -> dict[str, pd.DataFrame]:
         "pos": np.arange(T, dtype=np.int32), "token_id": token_id, "freq_bin": freq_bin, "p_lm": p_lm, "p_knn": p_knn,
         "p_knnlm": p_knnlm, "nll_lm": -np.log(p_lm), "nll_knnlm": -np.log(p_knnlm),
         "gain": np.log(p_knnlm) - np.log(p_lm), "hit_1": rng.random(T) < 0.5, "n_target": rng.integers(0, 2, T),
-        "query_pq_error": rng.random(T),
+        "query_pq_error": rng.random(T), "doc_id": (np.arange(T) * N_DOCS // T).astype(np.int32),
     })
     types = eval_tokens.groupby("token_id", as_index=False)["freq_bin"].first()
     types = types.assign(freq=10 ** types["freq_bin"].clip(lower=0), cv=0.5, contamination=0.5, pq_error_mean=1.0)
@@ -52,6 +53,7 @@ def _tables(seed: int = 0) -> dict[str, pd.DataFrame]:
     rules = pd.DataFrame({"variant": "adaptive-nn", "bin": [0, 1], "lo": [-np.inf, 5.0], "hi": [5.0, np.inf],
                           "lam": [0.4, 0.1], "n_valid": [10, 10]})
     return {"eval_tokens": eval_tokens, "token_types": types, "mitigations": variants,
+            "run": pd.DataFrame({"n_docs": [N_DOCS], "lambda": [LAM]}),
             "mitigation_tokens": tokens, "adaptive_lambda": rules}
 
 

@@ -101,6 +101,9 @@ def test_demo_run_opens_read_only_with_nothing_else_present(tmp_path):
     con.close()
 
 
+INTERVAL_PAGES = ("overview", "bins", "exact", "mitigations", "compare", "whatif")
+
+
 @needs_demo
 @pytest.mark.parametrize("page", PAGES)
 def test_every_page_renders_on_the_shipped_demo(page, monkeypatch):
@@ -117,6 +120,12 @@ def test_every_page_renders_on_the_shipped_demo(page, monkeypatch):
     assert not at.exception and not at.error
     text = " ".join(m.value for m in at.markdown) + " ".join(str(m.value) for m in at.metric)
     assert text.strip()
+    if page in INTERVAL_PAGES:  # SPEC §11: every per-bin table carries intervals, explained on the page
+        tables = [d.value for d in at.dataframe]
+        with_ci = [t for t in tables if any("_ci_lo" in c for c in t.columns) and any("n_docs" in c for c in t.columns)]
+        assert with_ci, [list(t.columns) for t in tables]
+        assert any(t[[c for c in t.columns if "_ci_lo" in c]].notna().any().any() for t in with_ci)
+        assert "95% intervals" in " ".join(c.value for c in at.caption)
     st.cache_data.clear()
     st.cache_resource.clear()
 

@@ -21,6 +21,7 @@ SPEC_COLUMNS = {
     "neighbors": "pos rank entry token_id distance_pq distance_exact",
     "datastore_tokens": "pos token_id",
 }
+SPEC_COLUMNS["eval_tokens"] += " doc_id"  # SPEC §11
 
 
 def schema_columns() -> dict[str, list[str]]:
@@ -59,6 +60,7 @@ def make_tables(n_eval: int = 5, version: int = SCHEMA_VERSION, seed: int = 0) -
         "vocab": pd.DataFrame({"token_id": [1, 0], "token": ["b", "a"]}),
         "exact_neighbors": pd.DataFrame({"pos": [0], "rank": [1], "entry": [3], "distance": [1.5]}),
         "eval_words": pd.DataFrame({c: [0] for c in cols["eval_words"]}).assign(word=["w"]),
+        "documents": pd.DataFrame({"doc_id": [0], "first_pos": [0], "n_positions": [n_eval], "title": ["it's"]}),
     }
     return tables
 

@@ -1,7 +1,8 @@
 """Plotly figure builders of the dashboard (pure: return go.Figure, no streamlit import).
 
 Frequency bins are drawn as ordered categorical labels from knnlm_core.bins (SPEC §3),
-never re-binned by plotly; frequencies on continuous axes use log scales.
+never re-binned by plotly; frequencies on continuous axes use log scales. A column with
+SPEC §11 interval columns (`<col>_ci_lo`, `<col>_ci_hi`) is drawn with error bars.
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ from plotly.subplots import make_subplots
 
 BIN_AXIS = "target frequency in datastore (bin)"
 COLORS = {"lm": "#1f77b4", "knn": "#d62728", "knnlm": "#2ca02c", "b": "#9467bd"}
+
+
+def error_bars(df: pd.DataFrame, col: str, scale: float = 1.0) -> dict | None:
+    """Plotly error_y of a column's SPEC §11 interval (`<col>_ci_lo` / `<col>_ci_hi`), None without one.
+    Bins without an interval (too few tokens or documents) get no bar."""
+    lo, hi = f"{col}_ci_lo", f"{col}_ci_hi"
+    if lo not in df or hi not in df:
+        return None
+    y = df[col].to_numpy(np.float64)
+    return dict(type="data", symmetric=False, visible=True, thickness=1.2,
+                array=np.nan_to_num(scale * (df[hi].to_numpy(np.float64) - y)).clip(min=0),
+                arrayminus=np.nan_to_num(scale * (y - df[lo].to_numpy(np.float64))).clip(min=0))
 
 
 def _bin_layout(fig: go.Figure, df: pd.DataFrame, title: str, ytitle: str, log_y: bool = False) -> go.Figure:
@@ -39,7 +52,8 @@ def bin_bars(
     fig = go.Figure()
     for col, name in cols.items():
         if col in df:
-            fig.add_bar(x=df["bin"], y=df[col], name=name, hovertemplate="%{x}: %{y:.4g}<extra>" + name + "</extra>")
+            fig.add_bar(x=df["bin"], y=df[col], name=name, error_y=error_bars(df, col),
+                        hovertemplate="%{x}: %{y:.4g}<extra>" + name + "</extra>")
     if percent:
         fig.update_yaxes(tickformat=".0%")
     return _bin_layout(fig, df, title, ytitle, log_y)
@@ -54,7 +68,8 @@ def hits_by_bin(df: pd.DataFrame, ks: tuple[int, ...]) -> go.Figure:
     """hit@k per bin, one line per k."""
     fig = go.Figure()
     for k in ks:
-        fig.add_scatter(x=df["bin"], y=df[f"hit_{k}"], mode="lines+markers", name=f"hit@{k}")
+        fig.add_scatter(x=df["bin"], y=df[f"hit_{k}"], mode="lines+markers", name=f"hit@{k}",
+                        error_y=error_bars(df, f"hit_{k}"))
     fig.add_hline(y=0.5, line_dash="dot", line_color="grey")
     fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
     return _bin_layout(fig, df, "Target among the first k neighbours (hit@k)", "share of tokens")
@@ -65,7 +80,7 @@ def lines_by_bin(df: pd.DataFrame, cols: dict[str, str], title: str, ytitle: str
     fig = go.Figure()
     for col, name in cols.items():
         if col in df:
-            fig.add_scatter(x=df["bin"], y=df[col], mode="lines+markers", name=name)
+            fig.add_scatter(x=df["bin"], y=df[col], mode="lines+markers", name=name, error_y=error_bars(df, col))
     return _bin_layout(fig, df, title, ytitle, log_y)
 
 
@@ -154,7 +169,7 @@ def compare_bins(
     bins = pd.concat([a[["freq_bin", "bin"]], b[["freq_bin", "bin"]]]).drop_duplicates().sort_values("freq_bin")
     fig = go.Figure()
     for df, name, color in ((a, names[0], COLORS["lm"]), (b, names[1], COLORS["b"])):
-        fig.add_bar(x=df["bin"], y=df[col], name=name, marker_color=color)
+        fig.add_bar(x=df["bin"], y=df[col], name=name, marker_color=color, error_y=error_bars(df, col))
     if percent:
         fig.update_yaxes(tickformat=".0%")
     return _bin_layout(fig, bins, title, col, log_y)
@@ -168,6 +183,7 @@ def variant_change_by_bin(compared: pd.DataFrame, names: dict[str, str] | None =
     for variant, df in compared[compared["variant"] != "plain"].groupby("variant", sort=False):
         name = names.get(variant, variant)
         fig.add_scatter(x=df["bin"], y=df["delta_ppl_pct"], mode="lines+markers", name=name,
+                        error_y=error_bars(df, "delta_ppl_pct"),
                         hovertemplate="%{x}: %{y:+.2f}%<extra>" + name + "</extra>")
     fig.add_hline(y=0, line_dash="dot", line_color="grey")
     bins = compared[["freq_bin", "bin"]].drop_duplicates().sort_values("freq_bin")

@@ -2,8 +2,10 @@
 
 Input: the per-bin table of `queries.bin_summary` and three correlations
 (`corr_pq_error_gain`, `corr_context_freq`, `corr_freq_pq_error`). Output: one `Finding`
-per claim with a verdict (True / False / None = not evaluable), the numbers behind it,
-and a plain sentence where the run disagrees with the paper.
+per claim with a verdict (True / False / None = not evaluable or, with `ns`, no significant
+difference), the numbers behind it, and a plain sentence where the run disagrees with the
+paper. Per-bin claims are decided by the SPEC §11 intervals of the tables (`*_ci_lo`,
+`*_ci_hi`): a claim holds only where the interval of the difference excludes 0.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from knnlm_core.bins import bin_label
@@ -26,6 +29,48 @@ class Finding:
     ok: bool | None  # True: the run agrees; False: it disagrees; None: not evaluable here
     numbers: str  # the values behind the verdict
     note: str = ""  # plain sentence when the run disagrees or cannot be checked
+    ns: bool = False  # ok is None because the intervals show no significant difference (SPEC §11)
+
+
+def _ci(row, col: str, fmt: str = "{:+.1%}") -> str:
+    """' [lo, hi]' of a row's interval columns, or ' [no interval]'."""
+    lo, hi = getattr(row, f"{col}_ci_lo", float("nan")), getattr(row, f"{col}_ci_hi", float("nan"))
+    if pd.isna(lo) or pd.isna(hi):
+        return " [no interval]"
+    return f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def _sign(row, col: str) -> int | None:
+    """+1 / −1 when the interval of `col` (a difference) lies above / below 0, 0 when it includes 0,
+    None when the bin has no interval (too few tokens or documents)."""
+    lo, hi = getattr(row, f"{col}_ci_lo", float("nan")), getattr(row, f"{col}_ci_hi", float("nan"))
+    if pd.isna(lo) or pd.isna(hi):
+        return None
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def _undecided(bins: list[str], signs: list[int | None]) -> str:
+    """Why a claim is undecided: the bins without a significant difference and those without an interval."""
+    parts = []
+    ns = [b for b, s in zip(bins, signs, strict=True) if s == 0]
+    none = [b for b, s in zip(bins, signs, strict=True) if s is None]
+    if ns:
+        parts.append(f"No significant difference in {', '.join(ns)}: the 95% interval includes 0.")
+    if none:
+        parts.append(f"No interval in {', '.join(none)} (fewer than 30 tokens or 5 documents).")
+    return " ".join(parts)
+
+
+def _is_ns(ok: bool | None, signs: list[int | None]) -> bool:
+    """Undecided because of the data (every bin has an interval, some include 0), not for lack of one."""
+    return ok is None and all(s is not None for s in signs)
+
+
+def _decide(signs: list[int], want: list[int]) -> bool | None:
+    """True when every sign is the wanted one, False when any is significantly the opposite, else None."""
+    if any(s == -w for s, w in zip(signs, want, strict=True)):
+        return False
+    return True if all(s == w for s, w in zip(signs, want, strict=True)) else None
 
 
 def _bins(df: pd.DataFrame, lo: int, hi: int) -> pd.DataFrame:
@@ -42,43 +87,55 @@ def _corr_text(c: dict) -> str:
 
 
 def helps_high_hurts_low(df: pd.DataFrame) -> Finding:
-    """kNN-LM lowers PPL in the highest bin and raises it in the lowest seen bin."""
+    """kNN-LM lowers PPL in the highest bin and raises it in the lowest seen bin (paired intervals)."""
     claim = "kNN-LM helps high-frequency bins and hurts low-frequency ones (crossover ≈ 10^3 on GPT2-XL)"
     seen = df[df["freq_bin"] >= 0]
     if len(seen) < 2:
         return Finding(claim, None, "fewer than two seen bins", "Not evaluable: the run has too few frequency bins.")
-    delta = seen["ppl_knnlm"] / seen["ppl_lm"]
+    if "ppl_change" not in seen:
+        seen = seen.assign(ppl_change=seen["ppl_knnlm"] / seen["ppl_lm"] - 1)
     low, high = seen.iloc[0], seen.iloc[-1]
-    numbers = "; ".join(f"{r.bin}: {r.ppl_lm:.1f} → {r.ppl_knnlm:.1f}" for r in seen.itertuples())
-    ok = bool(delta.iloc[-1] < 1.0 and delta.iloc[0] > 1.0)
+    numbers = "; ".join(f"{r.bin}: {r.ppl_lm:.1f} → {r.ppl_knnlm:.1f} ({r.ppl_change:+.1%}{_ci(r, 'ppl_change')})"
+                        for r in seen.itertuples())
+    has_ci = "ppl_change_ci_lo" in seen
+    signs = [_sign(low, "ppl_change"), _sign(high, "ppl_change")] if has_ci else \
+        [int(np.sign(low.ppl_change)), int(np.sign(high.ppl_change))]
+    ok = _decide(signs, [1, -1])
     note = ""
-    if not ok:
-        helped = ", ".join(seen.loc[delta < 1.0, "bin"]) or "no bin"
+    if ok is False:
+        helped = ", ".join(seen.loc[seen["ppl_change"] < 0, "bin"]) or "no bin"
         note = (
             f"On this run kNN-LM lowers perplexity in {helped}; the paper has it raising perplexity in the rare "
-            f"bins ({low.bin}: ×{delta.iloc[0]:.2f}) while lowering it in the frequent ones ({high.bin}: ×{delta.iloc[-1]:.2f})."
+            f"bins ({low.bin}: {low.ppl_change:+.1%}) while lowering it in the frequent ones ({high.bin}: "
+            f"{high.ppl_change:+.1%})."
         )
-    return Finding(claim, ok, numbers, note)
+    elif ok is None:
+        note = _undecided([low.bin, high.bin], signs)
+    return Finding(claim, ok, numbers, note, ns=_is_ns(ok, signs))
 
 
 def pknn_below_plm_low(df: pd.DataFrame) -> Finding:
-    """Mean p_kNN < mean p_LM in every seen bin below 10^3."""
+    """Mean p_kNN < mean p_LM in every seen bin below 10^3 (paired interval of the difference)."""
     claim = "p_kNN < p_LM for low-frequency targets (freq < 10^3)"
     low = _bins(df, 0, 2)
     if low.empty:
         return Finding(claim, None, "no bin below 10^3", "Not evaluable: no evaluation target has freq < 1,000.")
-    numbers = "; ".join(f"{r.bin}: p_kNN {r.mean_p_knn:.4f} vs p_LM {r.mean_p_lm:.4f}" for r in low.itertuples())
-    bad = low[low["mean_p_knn"] >= low["mean_p_lm"]]
-    ok = bad.empty
-    note = "" if ok else f"In {', '.join(bad['bin'])} the mean p_kNN is not below the mean p_LM, unlike the paper."
-    return Finding(claim, ok, numbers, note)
+    if "p_knn_minus_p_lm" not in low:
+        low = low.assign(p_knn_minus_p_lm=low["mean_p_knn"] - low["mean_p_lm"])
+    numbers = "; ".join(f"{r.bin}: p_kNN {r.mean_p_knn:.4f} vs p_LM {r.mean_p_lm:.4f} "
+                        f"(Δ {r.p_knn_minus_p_lm:+.4f}{_ci(r, 'p_knn_minus_p_lm', '{:+.4f}')})" for r in low.itertuples())
+    has_ci = "p_knn_minus_p_lm_ci_lo" in low
+    signs = [_sign(r, "p_knn_minus_p_lm") if has_ci else int(np.sign(r.p_knn_minus_p_lm)) for r in low.itertuples()]
+    ok = _decide(signs, [-1] * len(signs))
+    bad = [r.bin for r, s in zip(low.itertuples(), signs) if s == 1]
+    note = "" if ok else (f"In {', '.join(bad)} the mean p_kNN is above the mean p_LM, unlike the paper." if bad else
+                          _undecided(list(low["bin"]), signs))
+    return Finding(claim, ok, numbers, note, ns=_is_ns(ok, signs))
 
 
 def hit_below_half(df: pd.DataFrame, k: int, hi_bin: int, run_k: int) -> Finding:
-    """hit@k < 50% in every seen bin up to hi_bin; not measured when the run has no hit@k (k > run k).
-
-    A smaller cut-off never stands in for k: hit@64 < 50% says nothing about hit@1024.
-    """
+    """hit@k < 50% in every seen bin up to hi_bin (interval below 0.5); not measured when the run has no
+    hit@k (k > run k). A smaller cut-off never stands in for k: hit@64 < 50% says nothing about hit@1024."""
     claim = f"hit@{k} < 50% for freq < {10 ** (hi_bin + 1):,}"
     col = f"hit_{k}"
     if col not in df.columns or not df[col].notna().any():
@@ -87,51 +144,79 @@ def hit_below_half(df: pd.DataFrame, k: int, hi_bin: int, run_k: int) -> Finding
     sub = _bins(df, 0, hi_bin)
     if sub.empty:
         return Finding(claim, None, "no such bin", f"Not evaluable: no target with freq < {10 ** (hi_bin + 1):,}.")
-    numbers = "; ".join(f"{r.bin}: {_pct(getattr(r, col))}" for r in sub.itertuples())
-    bad = sub[sub[col] >= 0.5]
-    ok = bad.empty
-    note = "" if ok else f"The target is among the first {k} neighbours at least half of the time in {', '.join(bad['bin'])}."
-    return Finding(claim, ok, numbers, note)
+    numbers = "; ".join(f"{r.bin}: {_pct(getattr(r, col))}{_ci(r, col, '{:.1%}')}" for r in sub.itertuples())
+    # Without interval columns (or a bin without an interval) the point value decides, as before SPEC §11.
+    lo = sub.get(f"{col}_ci_lo", sub[col]).fillna(sub[col])
+    hi = sub.get(f"{col}_ci_hi", sub[col]).fillna(sub[col])
+    signs = [(-1 if h < 0.5 else 1 if low_ >= 0.5 else 0) for low_, h in zip(lo, hi, strict=True)]
+    ok = _decide(signs, [-1] * len(signs))
+    bad = [b for b, s in zip(sub["bin"], signs) if s == 1]
+    note = "" if ok else (f"The target is among the first {k} neighbours at least half of the time in {', '.join(bad)}."
+                          if bad else "The 95% interval of hit@k includes 50% in "
+                          f"{', '.join(b for b, s in zip(sub['bin'], signs) if s == 0)}: no significant difference.")
+    return Finding(claim, ok, numbers, note, ns=ok is None)
 
 
 def _harmed_rare_bins(claim: str, exact: pd.DataFrame | None) -> pd.DataFrame | Finding:
-    """The rare bins whose PPL the index's kNN-LM raises, or the Finding saying why there are none."""
+    """The rare bins whose PPL the index's kNN-LM raises (significantly, when the table has intervals),
+    or the Finding saying why there are none."""
     if exact is None or exact.empty:
         return Finding(claim, None, "no exact search", "Not measured: the run has no exact-search comparison.")
     rare = _bins(exact, 0, RARE_BIN_MAX)
-    harmed = rare[rare["ppl_ivf_pq"] > rare["ppl_lm"]]
+    if "knnlm_vs_lm" in rare:
+        harmed = rare[rare["knnlm_vs_lm"] == "harms"]
+    else:
+        harmed = rare[rare["ppl_ivf_pq"] > rare["ppl_lm"]]
     if harmed.empty:
-        return Finding(claim, None, "no harmed rare bin", "Not evaluable: kNN-LM harms no rare bin on this run.")
+        return Finding(claim, None, "no harmed rare bin",
+                       "Not evaluable: kNN-LM harms no rare bin significantly on this run.")
     return harmed
+
+
+def _exact_finding(claim: str, exact: pd.DataFrame | None, col: str, want: int, numbers_fmt, notes: dict) -> Finding:
+    """Shared logic of the two SPEC §8 findings: over the harmed rare bins, the sign of `col`'s interval."""
+    harmed = _harmed_rare_bins(claim, exact)
+    if isinstance(harmed, Finding):
+        return harmed
+    numbers = "; ".join(numbers_fmt(r) for r in harmed.itertuples())
+    if f"{col}_ci_lo" in harmed:
+        signs = [_sign(r, col) for r in harmed.itertuples()]
+    else:
+        signs = [int(np.sign(getattr(r, col))) for r in harmed.itertuples()]
+    ok = _decide(signs, [want] * len(signs))
+    wrong = [r.bin for r, s in zip(harmed.itertuples(), signs) if s == -want]
+    same = [r.bin for r, s in zip(harmed.itertuples(), signs) if s == 0]
+    if ok or wrong:
+        note = notes["wrong"].format(", ".join(wrong)) if wrong else ""
+    else:
+        note = notes["ns"].format(", ".join(same)) if same else _undecided(list(harmed["bin"]), signs)
+    return Finding(claim, ok, numbers, note, ns=_is_ns(ok, signs))
 
 
 def quantization_explains_rare_harm(exact: pd.DataFrame | None) -> Finding:
     """In the rare bins that kNN-LM harms (IVFPQ), exact search lowers the kNN-LM perplexity (SPEC §8)."""
-    claim = "approximate (PQ) search adds to the rare-bin harm: exact search lowers kNN-LM PPL there"
-    harmed = _harmed_rare_bins(claim, exact)
-    if isinstance(harmed, Finding):
-        return harmed
-    numbers = "; ".join(
-        f"{r.bin}: {r.ppl_ivf_pq:.1f} (IVFPQ) → {r.ppl_exact:.1f} (exact), explains {_pct(r.share_explained_by_quantization)}"
-        for r in harmed.itertuples())
-    worse = harmed[harmed["ppl_exact"] >= harmed["ppl_ivf_pq"]]
-    ok = worse.empty
-    note = "" if ok else (f"In {', '.join(worse['bin'])} exact search does not lower kNN-LM's perplexity: the rare-bin "
-                          "harm is not caused by quantization here.")
-    return Finding(claim, ok, numbers, note)
+    if exact is not None and "change_exact_vs_ivf_pq" not in exact:
+        exact = exact.assign(change_exact_vs_ivf_pq=exact["ppl_exact"] / exact["ppl_ivf_pq"] - 1)
+    return _exact_finding(
+        "approximate (PQ) search adds to the rare-bin harm: exact search lowers kNN-LM PPL there", exact,
+        "change_exact_vs_ivf_pq", -1,
+        lambda r: (f"{r.bin}: {r.ppl_ivf_pq:.1f} (IVFPQ) → {r.ppl_exact:.1f} (exact; "
+                   f"{r.change_exact_vs_ivf_pq:+.1%}{_ci(r, 'change_exact_vs_ivf_pq')}), explains "
+                   f"{_pct(r.share_explained_by_quantization)}"),
+        {"wrong": "In {} exact search raises kNN-LM's perplexity: the rare-bin harm is not caused by quantization here.",
+         "ns": "In {} exact search makes no significant difference to kNN-LM's perplexity."})
 
 
 def crisis_survives_exact(exact: pd.DataFrame | None) -> Finding:
     """With exact search, kNN-LM still raises PPL in the rare bins (quantization is not the whole cause)."""
-    claim = "the rare-bin harm survives exact search (PQ is not the whole cause)"
-    harmed = _harmed_rare_bins(claim, exact)
-    if isinstance(harmed, Finding):
-        return harmed
-    numbers = "; ".join(f"{r.bin}: LM {r.ppl_lm:.1f}, exact kNN-LM {r.ppl_exact:.1f}" for r in harmed.itertuples())
-    cured = harmed[harmed["ppl_exact"] <= harmed["ppl_lm"]]
-    ok = cured.empty
-    note = "" if ok else f"With exact search kNN-LM no longer harms {', '.join(cured['bin'])}: there PQ is the cause."
-    return Finding(claim, ok, numbers, note)
+    if exact is not None and "change_exact_vs_lm" not in exact:
+        exact = exact.assign(change_exact_vs_lm=exact["ppl_exact"] / exact["ppl_lm"] - 1)
+    return _exact_finding(
+        "the rare-bin harm survives exact search (PQ is not the whole cause)", exact, "change_exact_vs_lm", 1,
+        lambda r: f"{r.bin}: LM {r.ppl_lm:.1f}, exact kNN-LM {r.ppl_exact:.1f} ({r.change_exact_vs_lm:+.1%}"
+                  f"{_ci(r, 'change_exact_vs_lm')})",
+        {"wrong": "With exact search kNN-LM no longer harms {}: there PQ is the cause.",
+         "ns": "With exact search the harm in {} is no longer significant."})
 
 
 def contamination_high_rare(df: pd.DataFrame) -> Finding:
@@ -182,23 +267,32 @@ def context_freq_corr(corr: dict) -> Finding:
 
 
 def crisis_by_bin(df: pd.DataFrame) -> pd.DataFrame:
-    """Per bin of a bin_summary: PPL change of kNN-LM vs the LM and whether kNN-LM harms the bin."""
-    out = df[["freq_bin", "bin", "n_tokens", "ppl_lm", "ppl_knnlm"]].copy()
+    """Per bin of a bin_summary: PPL change of kNN-LM vs the LM with its interval, and the verdict
+    (harms / helps / no significant difference, from the paired interval when the table has one)."""
+    cols = [c for c in ("freq_bin", "bin", "n_tokens", "n_docs", "ppl_lm", "ppl_knnlm", "ppl_change",
+                        "ppl_change_ci_lo", "ppl_change_ci_hi") if c in df]
+    out = df[cols].copy()
     out["delta_ppl"] = out["ppl_knnlm"] - out["ppl_lm"]
-    out["kNN-LM"] = ["harms" if d > 0 else "helps" if d < 0 else "no change" for d in out["delta_ppl"]]
+    if "knnlm_vs_lm" in df:
+        out["kNN-LM"] = df["knnlm_vs_lm"].to_numpy()
+    else:
+        out["kNN-LM"] = ["harms" if d > 0 else "helps" if d < 0 else "no change" for d in out["delta_ppl"]]
     return out
 
 
 def crisis_holds(df: pd.DataFrame) -> tuple[bool | None, str]:
-    """(verdict, sentence): does kNN-LM raise PPL in every seen rare bin (freq < 10^3) of this run?"""
-    rare = _bins(df, 0, RARE_BIN_MAX)
+    """(verdict, sentence): does kNN-LM raise PPL significantly in every seen rare bin (freq < 10^3)?"""
+    rare = crisis_by_bin(_bins(df, 0, RARE_BIN_MAX))
     if rare.empty:
         return None, "no evaluation target has 1 ≤ freq < 1,000: not evaluable"
-    harmed = rare[rare["ppl_knnlm"] > rare["ppl_lm"]]
-    names = ", ".join(harmed["bin"]) or "none"
-    if len(harmed) == len(rare):
-        return True, f"holds: kNN-LM raises perplexity in every rare bin ({names})"
-    return False, f"does not hold in full: kNN-LM raises perplexity in {names} of the {len(rare)} rare bins"
+    detail = ", ".join(f"{r.bin} {r.ppl_change:+.1%}{_ci(r, 'ppl_change')}" if "ppl_change" in rare else r.bin
+                       for r in rare.itertuples())
+    verdicts = list(rare["kNN-LM"])
+    if all(v == "harms" for v in verdicts):
+        return True, f"holds: kNN-LM raises perplexity in every rare bin ({detail})"
+    if any(v == "helps" for v in verdicts):
+        return False, f"does not hold: kNN-LM lowers perplexity in a rare bin ({detail})"
+    return None, f"is not significant in every rare bin ({detail}; 95% intervals)"
 
 
 def evaluate(df: pd.DataFrame, run_k: int, corr_gain: dict, corr_ctx: dict, corr_freq_pq: dict,
@@ -224,7 +318,7 @@ def to_frame(findings: list[Finding]) -> pd.DataFrame:
     mark = {True: "✓", False: "✗", None: "–"}
     return pd.DataFrame(
         {
-            "verdict": [mark[f.ok] for f in findings],
+            "verdict": ["≈" if f.ns else mark[f.ok] for f in findings],
             "claim": [f.claim for f in findings],
             "this run": [f.numbers for f in findings],
             "note": [f.note for f in findings],

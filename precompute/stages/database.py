@@ -10,8 +10,10 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from knnlm_core import store
+from knnlm_core import documents, store
 from knnlm_core.bins import freq_bin
+from knnlm_core.config import resolve_path
+from knnlm_core.corpus import read_text
 from knnlm_core.knn import interpolate
 from precompute.runner import Run, RunError, load_npy, load_npz
 from precompute.stages.exact import RECALL_KS
@@ -66,6 +68,8 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
     eval_tokens["context_token_id"] = context.astype(np.int32)
     eval_tokens["knn_log_z"] = se["knn_log_z"]  # neighbour j's weight in p_kNN = exp(-d_j / τ - knn_log_z)
     exact_neighbors = add_exact_columns(run, eval_tokens)
+    docs = eval_documents(run, ev_ids)
+    eval_tokens["doc_id"] = docs.doc_id
 
     eval_count = np.bincount(targets, minlength=len(freq))
     type_ids = np.flatnonzero((freq > 0) | (eval_count > 0))
@@ -98,6 +102,7 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
         "created_at": info["created_at"], "config_json": json.dumps(cfg.to_dict(), sort_keys=True),
         "eval_domain": cfg.eval_domain, "exact_search": bool(info.get("exact_search")),
         "datastore_sha256": datastore_sha256(ds_ids), "datastore_tokens_from": cfg.datastore_tokens_from or None,
+        "n_docs": len(docs.first_pos), "doc_mode": docs.mode, "doc_block_tokens": docs.block_tokens,
     }])
     return {
         **mitigation_tables(run),
@@ -105,9 +110,18 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
         "exact_neighbors": exact_neighbors, "eval_words": eval_words(run, nll_lm, nll_knnlm),
         "datastore_tokens": pd.DataFrame({"pos": np.arange(len(ds_ids), dtype=np.int64),
                                           "token_id": ds_ids.astype(np.int32)}),
-        "lm_top": lm_top, "knn_top": knn_top,
+        "lm_top": lm_top, "knn_top": knn_top, "documents": documents.to_frame(docs),
         "vocab": pd.DataFrame({"token_id": np.array(list(text), dtype=np.int32), "token": list(text.values())}),
     }
+
+
+def eval_documents(run: Run, ev_ids: np.ndarray) -> documents.Documents:
+    """SPEC §11 documents of the evaluation positions (articles, or blocks of doc_block_tokens)."""
+    try:
+        return documents.for_eval_tokens(read_text(resolve_path(run.cfg.eval_corpus)), run.tokenizer, ev_ids,
+                                         run.cfg.doc_block_tokens)
+    except ValueError as err:
+        raise RunError(f"documents of {run.cfg.eval_corpus}: {err}") from err
 
 
 def mitigation_tables(run: Run) -> dict[str, pd.DataFrame]:
