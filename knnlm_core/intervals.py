@@ -195,3 +195,19 @@ def run_difference(frame_a: pd.DataFrame, info_a: dict, frame_b: pd.DataFrame, i
                      zip(out["ppl_knnlm_a_vs_b_ci_lo"], out["ppl_knnlm_a_vs_b_ci_hi"], strict=True)]
     out["resampling"] = "paired (same documents)" if paired else "unpaired (different evaluation text)"
     return out
+
+
+def from_doc_bin_stats(cur: duckdb.DuckDBPyConnection, figures: list[bs.Figure] | None = None,
+                       n_boot: int = bs.N_BOOT, seed: int = bs.SEED) -> pd.DataFrame:
+    """Intervals straight from a run's `doc_bin_stats` table (for notebooks and SQL users): by default PPL LM,
+    PPL kNN-LM, share harmed, hit@16 and kNN-LM's paired change vs the LM per frequency bin; any Figure over
+    the table's sum columns (sum_nll_lm, sum_nll_knnlm, sum_p_lm, sum_p_knn, n_harmed, n_hit_<k>, ...) works."""
+    frame = cur.execute("SELECT * FROM doc_bin_stats").fetchdf()
+    figures = figures or [bs.ppl("ppl_lm", "sum_nll_lm"), bs.ppl("ppl_knnlm", "sum_nll_knnlm"),
+                          bs.mean("share_harmed", "n_harmed"), bs.mean("hit_16", "n_hit_16"),
+                          bs.ppl_change("ppl_change", "sum_nll_knnlm", "sum_nll_lm")]
+    frame = frame[["doc_id", "freq_bin", "n_tokens", *{c for f in figures for c in f.cols}]].fillna(0.0)
+    ci = bs.intervals(frame, figures, n_docs(cur), n_boot=n_boot, seed=seed)
+    if any(f.name == "ppl_change" for f in figures):
+        ci = add_verdict(ci, "ppl_change", "knnlm_vs_lm")
+    return label(ci)

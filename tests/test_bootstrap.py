@@ -135,3 +135,16 @@ def test_draws_are_the_documented_ones():
     np.testing.assert_array_equal(draws, np.random.default_rng(4).integers(0, 7, size=(50, 7)))
     counts = bs.doc_counts(draws, 7)
     np.testing.assert_array_equal(counts, np.stack([np.bincount(r, minlength=7) for r in draws]))
+
+
+def test_notebook_function_over_doc_bin_stats_matches_the_app():
+    """intervals.from_doc_bin_stats (SQL users' and notebooks' entry point) gives the app's intervals."""
+    import duckdb
+
+    con = duckdb.connect(str(DEMO_DB), read_only=True)
+    mine = intervals.from_doc_bin_stats(con).set_index("freq_bin")
+    app = queries.bin_summary(con.cursor(), 1024).set_index("freq_bin")
+    con.close()
+    for col in ("ppl_knnlm_ci_lo", "ppl_change_ci_hi", "hit_16_ci_lo", "share_harmed_ci_hi"):
+        np.testing.assert_allclose(mine[col], app[col], rtol=1e-9, err_msg=col)
+    assert list(mine["knnlm_vs_lm"]) == list(app["knnlm_vs_lm"])
