@@ -10,6 +10,7 @@ import logging
 import streamlit as st
 
 from ui import widgets
+from ui.render import md_code
 
 PAGES = [
     st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", url_path="overview", default=True),
@@ -29,7 +30,9 @@ run = widgets.run_picker()
 widgets.run_card(widgets.open_run(run))
 
 try:
-    page.run()
+    with widgets.navigated():  # the page knows it runs through this navigation (widgets.ensure_navigation)
+        page.run()
 except Exception as err:  # st.stop / st.rerun / switch_page are BaseException and pass through
     logging.getLogger("knnlm.app").exception("page %s failed", page.title)
-    st.error(f"This page could not be drawn: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    first = str(err).splitlines()[0] if str(err) else ""
+    st.error(f"This page could not be drawn: {type(err).__name__}: {md_code(first[:200])}")  # may quote user text

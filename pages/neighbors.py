@@ -5,13 +5,15 @@ import numpy as np
 import streamlit as st
 
 from ui import cache, figures, widgets
+from ui.params import parse_int
 from ui.render import context_html, fmt_p, show_token
 
 run, info = widgets.current_run()
 st.title("Neighbour inspector")
 last = info["n_eval"] - 1
-widgets.page_param_int("pos", 0, last)  # a bad ?pos= stops here with a clear message
-pos = int(st.number_input("Evaluation position", 0, last, 0, key="pos", bind="query-params"))
+asked = widgets.url_param("pos", lambda raw: parse_int("pos", raw, 0, last, 0, "position 0"))
+pos = int(widgets.settle("pos", asked, st.number_input("Evaluation position", 0, last, 0, key="pos",
+                                                         bind="query-params")))
 
 row = cache.q(run, "eval_row", pos)
 if not row:

@@ -8,13 +8,15 @@ import streamlit as st
 from knnlm_core import queries
 from knnlm_core.bins import bin_label
 from ui import cache, figures, widgets
-from ui.render import show_token
+from ui.params import parse_text
+from ui.render import md_code, show_token
 
 run, info = widgets.current_run()
 st.title("Token explorer")
-query = st.text_input(
+asked = widgets.url_param("token", lambda raw: parse_text("token", raw))
+query = widgets.settle("token", asked, st.text_input(
     "Token, word or text", key="token", bind="query-params", placeholder="e.g.  the  or  262  or  Boulter"
-)
+))
 if not query.strip():
     widgets.fail("Type a token (text, matched case-insensitively as a substring), a token id, a word of the "
                  "evaluation text or any text.", info=True)
@@ -26,7 +28,8 @@ def token_links(tokens, label: str) -> None:
     cols = st.columns(min(len(tokens), 8) or 1)
     for i, (tid, text) in enumerate(tokens):
         cols[i % len(cols)].page_link(
-            "pages/tokens.py", label=f"{show_token(text)} · {tid}", query_params={"run": run, "token": str(tid)}
+            "pages/tokens.py", label=f"{md_code(show_token(text))} · {tid}",
+            query_params={"run": run, "token": str(tid)},
         )
 
 
@@ -37,7 +40,7 @@ if words is not None and not words.empty:
     first = words.iloc[0]
     parts = cache.q(run, "word_tokens", int(first["first_pos"]), int(first["n_tokens"]))
     token_links(list(zip(parts["token_id"], parts["token"], strict=True)),
-                f"`{first['word']}` splits into {len(parts)} token(s) (first occurrence, position "
+                f"{md_code(first['word'])} splits into {len(parts)} token(s) (first occurrence, position "
                 f"{int(first['first_pos'])}); open one:")
     st.dataframe(parts, hide_index=True)
 
@@ -47,11 +50,11 @@ if matches.empty:
         st.stop()
     tok = cache.tokenizer(info)
     if tok is None:
-        widgets.fail(f"No token type or evaluation word matches `{query}` in this run.", info=True)
+        widgets.fail(f"No token type or evaluation word matches {md_code(query)} in this run.", info=True)
     enc = tok.encode(query)
     token_links([(int(t), tok.decode([int(t)])) for t in enc.ids],
-                f"`{query}` is not a token type or a word of the evaluation text; the run's tokenizer splits it into "
-                f"{len(enc.ids)} token(s):")
+                f"{md_code(query)} is not a token type or a word of the evaluation text; the run's tokenizer splits "
+                f"it into {len(enc.ids)} token(s):")
     st.stop()
 st.subheader("As a token type")
 choice = st.selectbox(

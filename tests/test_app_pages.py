@@ -110,8 +110,10 @@ def test_neighbors_page(runs_env):
     "bad, message", [("999999", "out of range"), ("abc", "not an integer"), ("-1", "out of range")]
 )
 def test_neighbors_bad_pos(runs_env, bad, message):
+    """A bad ?pos= is replaced by position 0 with a one-line warning; the page still draws."""
     at = open_page("neighbors", pos=bad)
-    assert at.error and message in at.error[0].value
+    assert at.warning and message in at.warning[0].value and "using position 0" in at.warning[0].value
+    assert not at.error and at.number_input(key="pos").value == 0 and at.dataframe
 
 
 def _metrics(at: AppTest) -> dict:
@@ -155,7 +157,7 @@ def test_whatif_page(runs_env):
 
 def test_whatif_k_beyond_run_k_note(runs_env):
     at = open_page("whatif", k=1000)
-    assert "exceeds the run's k = 64" in _texts(at)
+    assert "is out of range (1…64); using the run's k = 64" in _texts(at) and at.slider(key="k").value == 64
 
 
 def test_whatif_without_stored_neighbours(fresh_run, monkeypatch):
@@ -188,8 +190,9 @@ def test_unknown_run(runs_env):
     at = AppTest.from_file(APP, default_timeout=30)
     at.query_params["run"] = "no-such-run"
     at.run()
-    assert not at.exception
-    assert at.error and "not found" in at.error[0].value
+    assert not at.exception and not at.error
+    assert at.warning and "is not one of: tiny, tiny-exact; using run = tiny" in at.warning[0].value
+    assert at.title[0].value == "kNN-LM long-tail diagnostics"  # the default run's page, drawn
 
 
 def test_old_schema_run(fresh_run, tmp_path, monkeypatch):

@@ -1,9 +1,11 @@
 """Real-browser test: `streamlit run app.py` on a free port, headless Debian Chromium via
 Playwright (never a Playwright browser download). Opens every page, goes from the token
-explorer to the neighbour inspector, and downloads a CSV."""
+explorer to the neighbour inspector, downloads a CSV, opens six deep links at once on a fresh
+server (issue 18: concurrent cold start) and checks that a hostile URL shows no live link."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -159,3 +161,61 @@ def test_exact_page_and_compare_on_the_shipped_runs(page, shipped_server):
     page.get_by_role("link", name=re.compile("oul")).first.click()  # a token of the word opens its type
     page.get_by_text("As a token type").first.wait_for(timeout=UI_TIMEOUT_MS)
     assert "token=" in page.url
+
+
+# Six deep links, one per page family, opened at the same moment on a server nobody has used yet.
+COLD_LINKS = {
+    "bins?run=demo": "Frequency bins",
+    "tokens?run=demo&token=the": "Token explorer",
+    "neighbors?run=demo&pos=5": "Neighbour inspector",
+    "exact?run=demo": "Exact vs PQ search",
+    "whatif?run=demo": "What-if re-scoring",
+    "compare?run=demo": "Compare runs",
+}
+
+
+async def _open_together(base: str, links: dict[str, str]) -> dict[str, str]:
+    """Open every link in its own browser context (its own Streamlit session) at once; return
+    each page's text once its heading is drawn, or what it shows instead after the timeout."""
+    from playwright.async_api import async_playwright
+
+    async def one(browser, path: str, heading: str) -> str:
+        context = await browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = await context.new_page()
+        await page.goto(f"{base}/{path}")
+        try:
+            await page.get_by_role("heading", name=heading).first.wait_for(timeout=UI_TIMEOUT_MS)
+            await page.wait_for_timeout(1000)  # let a rerun (if any) settle before reading the page
+        except Exception:  # noqa: BLE001 - a page that never shows its heading is reported below
+            pass
+        return await page.locator("body").inner_text()
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            texts = await asyncio.gather(*(one(browser, path, h) for path, h in links.items()))
+        finally:
+            await browser.close()
+    return dict(zip(links, texts, strict=True))
+
+
+def test_six_deep_links_at_once_on_a_fresh_server():
+    """Issue 18 item 6: sessions that start together on a fresh server all render their page (they
+    used to show "No run selected." until reloaded: pages/-directory mode raced a process flag)."""
+    if not (SHIPPED / "demo" / "metrics.duckdb").exists():
+        pytest.skip("shipped runs not present")
+    for base in _serve(SHIPPED):  # a server of its own: no earlier session has warmed it
+        texts = asyncio.run(_open_together(base, COLD_LINKS))
+        failed = {path: text[:300] for path, text in texts.items()
+                  if COLD_LINKS[path] not in text or "No run selected." in text or "could not be drawn" in text}
+        assert not failed, failed
+
+
+def test_hostile_url_shows_no_live_link(page, shipped_server):
+    """User text from the URL is shown as text: a markdown link or HTML in `token=` stays inert."""
+    page.goto(f"{shipped_server}/tokens?run=demo&token=%5Bx%5D(http://evil.example)%3Cb%3Ebold%3C/b%3E")
+    page.get_by_role("heading", name="Token explorer").first.wait_for(timeout=UI_TIMEOUT_MS)
+    page.get_by_text("evil.example").first.wait_for(timeout=UI_TIMEOUT_MS)
+    assert page.locator('a[href*="evil"]').count() == 0
+    assert page.locator("b:text('bold'), strong:text('bold')").count() == 0
+    assert page.locator('[data-testid="stException"]').count() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 
 _TOKEN_STYLE = "white-space:pre-wrap;font-family:monospace;line-height:1.8"
 _TARGET_STYLE = "background:#ffd54f;border:1px solid #f57f17;border-radius:3px;padding:0 2px"
@@ -27,3 +28,21 @@ def fmt_p(p: float | None) -> str:
     if p is None or p != p:
         return "n/a"
     return f"{p:.4f}" if abs(p) >= 1e-3 or p == 0 else f"{p:.2e}"
+
+
+def visible(text: str) -> str:
+    """`text` with every non-printable character (control, format, separator other than ' ')
+    written as a Python escape, so newlines, null bytes and bidi overrides show as what they are."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def md_code(text: str) -> str:
+    """`text` as a Markdown inline code span that Streamlit shows literally: no link, HTML, emphasis,
+    math or `:color[...]` directive can come alive inside a code span (CommonMark §6.1). The fence
+    is one backtick longer than the longest backtick run in `text`; an empty text shows as ∅."""
+    shown = visible(text)
+    if not shown:
+        return "∅"
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", shown)), default=0) + 1)
+    pad = " " if shown[0] in "` " or shown[-1] in "` " else ""  # one space each side is stripped again
+    return f"{fence}{pad}{shown}{pad}{fence}"

@@ -1,12 +1,17 @@
 """Streamlit widget builders shared by the pages: run picker, run card, bin range, CSV.
 
-URL-bound widgets use `bind="query-params"` with key = parameter name (ui.params).
-Every failure ends in a clear st.error / st.info and st.stop(), never a traceback.
+URL-bound widgets use `bind="query-params"` with key = parameter name (ui.params); their URL
+values are read with the ui.params parsers through `url_param` / `settle`. Every failure ends in a
+clear st.error / st.info and st.stop(), never a traceback.
 """
 
 from __future__ import annotations
 
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import pandas as pd
 import streamlit as st
@@ -14,7 +19,10 @@ import streamlit as st
 from knnlm_core import store
 from knnlm_core.bins import bin_label
 from ui import cache
-from ui.params import default_run, list_runs, runs_root
+from ui.params import Parsed, default_run, list_runs, parse_choice, parse_range, runs_root
+
+T = TypeVar("T")
+_FIXES = "_url_fixes"  # session-state key: {param: (value, note)} that settle() staged for the next run
 
 
 def fail(message: str, info: bool = False) -> NoReturn:
@@ -33,18 +41,17 @@ def run_picker() -> str:
             "or point KNNLM_RUNS_DIR at a directory of runs.",
             info=True,
         )
-    raw = st.query_params.get("run")
+    default = default_run(runs)
+    parsed = url_param("run", lambda raw: parse_choice("run", raw, runs, default))
     run = st.sidebar.selectbox(
         "Run",
         runs,
-        index=runs.index(default_run(runs)),
+        index=runs.index(default),
         key="run",
         bind="query-params",
         help=f"Runs found under {runs_root()}",
     )
-    if raw is not None and raw not in runs:
-        fail(f"Run `{raw}` not found under `{runs_root()}`. Available runs: {', '.join(runs)}.")
-    return run
+    return settle("run", parsed, run)
 
 
 def open_run(run: str) -> dict:
@@ -55,18 +62,41 @@ def open_run(run: str) -> dict:
         fail(f"Cannot open run `{run}`: {err}")
 
 
+# True while app.py runs the page of this script run (set per run, per session: a ContextVar
+# lives in the script thread's context, unlike a flag on a class shared by every session).
+_VIA_APP: ContextVar[bool] = ContextVar("knnlm_via_app", default=False)
+
+
+@contextmanager
+def navigated() -> Iterator[None]:
+    """app.py runs its page inside this: the page then knows it came through st.navigation."""
+    token = _VIA_APP.set(True)
+    try:
+        yield
+    finally:
+        _VIA_APP.reset(token)
+
+
 def ensure_navigation() -> None:
-    """Make a deep link on a fresh server go through app.py.
+    """Rerun this session through app.py when Streamlit ran the page script directly.
 
-    Streamlit starts in pages/-directory mode (MPA v1) until app.py's st.navigation has
-    run once in the process; until then a URL such as /neighbors runs pages/neighbors.py
-    without app.py. Leave that mode (a class flag, Streamlit 1.67) and rerun via app.py.
+    With a pages/ directory beside app.py, Streamlit 1.67 starts in pages/-directory mode (a
+    class flag, PagesManager.uses_pages_directory) and runs a deep link such as /neighbors as
+    pages/neighbors.py alone, until some session's app.py calls st.navigation. Sessions that
+    start together on a fresh server all run that way, so each must notice it by itself: a page
+    run outside `navigated()` turns the mode off (for the whole process) and reruns, which now
+    runs app.py (run picker, run card) and then this page.
     """
+    if _VIA_APP.get():
+        return
     from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-    if getattr(PagesManager, "uses_pages_directory", False):
-        PagesManager.uses_pages_directory = False
-        st.rerun()
+    ctx = get_script_run_ctx()
+    if ctx is None or Path(ctx.pages_manager.main_script_path).name != "app.py":
+        fail("Start the dashboard with `streamlit run app.py`: the pages need its navigation and run picker.")
+    PagesManager.uses_pages_directory = False
+    st.rerun()
 
 
 def current_run() -> tuple[str, dict]:
@@ -109,6 +139,8 @@ def bin_range(bins: list[int]) -> tuple[int, int]:
     """Select-slider over the run's bins (key/URL param `bin`), returns (low, high)."""
     if len(bins) == 1:
         return bins[0], bins[0]
+    parsed = url_param("bin", lambda raw: parse_range("bin", raw, [bin_label(b) for b in bins]))
+    parsed = Parsed((bins[parsed.value[0]], bins[parsed.value[1]]), parsed.note)
     lo, hi = st.select_slider(
         "Frequency bins",
         options=bins,
@@ -117,6 +149,7 @@ def bin_range(bins: list[int]) -> tuple[int, int]:
         key="bin",
         bind="query-params",
     )
+    lo, hi = settle("bin", parsed, (lo, hi))
     return int(lo), int(hi)
 
 
@@ -133,15 +166,30 @@ def csv_button(df: pd.DataFrame, name: str, label: str = "Download CSV") -> None
     )
 
 
-def page_param_int(name: str, low: int, high: int) -> int | None:
-    """Integer URL parameter `name` validated against [low, high]; a bad value stops the page."""
-    raw = st.query_params.get(name)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        fail(f"`?{name}={raw}` is not an integer.")
-    if not low <= value <= high:
-        fail(f"`?{name}={value}` is out of range: this run has positions {low}…{high:,}.")
-    return value
+def url_param(name: str, parse: Callable[[list[str]], Parsed[T]]) -> Parsed[T]:
+    """URL parameter `name` read with its ui.params parser; when its value was replaced, one
+    st.warning line says what is used instead. Call it before the widget bound to `name`."""
+    fixes = st.session_state.get(_FIXES, {})
+    if name in fixes:  # staged by settle() in the previous run: the widget shows it now
+        value, note = fixes.pop(name)
+        st.session_state[name] = value
+        parsed = Parsed(value, note)
+    else:
+        parsed = parse(st.query_params.get_all(name))
+    if parsed.note:
+        st.warning(parsed.note, icon=":material/link_off:")
+    return parsed
+
+
+def settle(name: str, parsed: Parsed[T], value: T) -> T:
+    """`value` of the widget bound to `name` (created after url_param), made to agree with the parser.
+
+    Streamlit seeds bound widgets from the URL with its own, laxer parsing ('3.5' -> 3, '1e1',
+    '٣', the last of repeated values). When the parser replaced the URL value and the widget
+    took another one, stage the parser's value for the widget and rerun once (a widget's
+    session-state value can only be set before the widget exists in a run).
+    """
+    if parsed.note is None or value == parsed.value:
+        return value
+    st.session_state.setdefault(_FIXES, {})[name] = (parsed.value, parsed.note)
+    st.rerun()
