@@ -5,13 +5,16 @@ at word level (SPEC §10), word perplexity per word-frequency bin."""
 import streamlit as st
 
 from knnlm_core import queries
-from ui import cache, figures, widgets
+from ui import cache, ci, figures, widgets
+from ui.params import parse_choice
+from ui.render import md_code
 
 run, info = widgets.current_run()
 k = info["k"]
 st.title("Frequency bins")
-level = st.segmented_control("Level", ["token", "word"], default="token", required=True, key="level",
-                               bind="query-params")
+asked = widgets.url_param("level", lambda raw: parse_choice("level", raw, ["token", "word"], "token"))
+level = widgets.settle("level", asked, st.segmented_control("Level", ["token", "word"], default="token",
+                                                            required=True, key="level", bind="query-params"))
 if level == "word":
     if not cache.q(run, "has_words"):
         widgets.fail("This run has no word-level table: rebuild it with this version of `python -m precompute` "
@@ -30,6 +33,7 @@ if level == "word":
         "those of the token level, over word frequency. Words whose tokens are not all scored (the first word) are left out."
     )
     st.dataframe(words, hide_index=True)
+    st.caption("`knnlm_vs_lm`: kNN-LM's word-PPL change per bin, judged by its paired interval. " + ci.METHOD)
     widgets.csv_button(words, f"{run}-word-bins")
     c1, c2 = st.columns(2)
     c1.plotly_chart(figures.ppl_by_bin(words, "Word perplexity per word-frequency bin"))
@@ -53,7 +57,7 @@ if text.strip():
     found = [cache.q(run, "find_types", t.strip(), 1) for t in text.split(",") if t.strip()]
     token_ids = sorted({int(f["token_id"].iloc[0]) for f in found if not f.empty})
     if not token_ids:
-        widgets.fail(f"No token type matches `{text}`.", info=True)
+        widgets.fail(f"No token type matches {md_code(text)}.", info=True)
     st.caption(f"Restricted to token ids {token_ids}.")
 
 filters = dict(bin_lo=lo, bin_hi=hi, token_ids=token_ids, outcome=outcome)
@@ -62,6 +66,8 @@ if df.empty:
     widgets.fail("No evaluation token matches these filters.", info=True)
 
 st.dataframe(df, hide_index=True)
+st.caption("`ppl_change` = PPL kNN-LM / PPL LM − 1 and `knnlm_vs_lm` its verdict (helps / harms / no significant "
+           "difference); `p_knn_minus_p_lm` the paired difference of the mean probabilities. " + ci.METHOD)
 widgets.csv_button(df, f"{run}-bins")
 
 ks = queries.hit_ks_for(k)

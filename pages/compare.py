@@ -6,9 +6,9 @@ long-tail crisis (kNN-LM harming rare bins) holds in each. A run built with miti
 import pandas as pd
 import streamlit as st
 
-from knnlm_core import mitigations
-from ui import cache, figures, findings, widgets
-from ui.params import list_runs
+from knnlm_core import intervals, mitigations
+from ui import cache, ci, figures, findings, widgets
+from ui.params import list_runs, parse_choice
 
 
 def variant_ui(name: str, summary: pd.DataFrame, key: str, where) -> tuple[str, pd.DataFrame]:
@@ -16,8 +16,10 @@ def variant_ui(name: str, summary: pd.DataFrame, key: str, where) -> tuple[str, 
     if not cache.q(name, "has_mitigations"):
         return name, summary
     options = list(cache.q(name, "mitigation_variants")["variant"])
-    variant = where.selectbox(f"Variant of {name}", options, key=key, bind="query-params",
-                              help="a mitigation the run was built with (Mitigations page); plain = the run itself")
+    asked = widgets.url_param(key, lambda raw: parse_choice(key, raw, options, options[0]))
+    variant = widgets.settle(key, asked, where.selectbox(
+        f"Variant of {name}", options, key=key, bind="query-params",
+        help="a mitigation the run was built with (Mitigations page); plain = the run itself"))
     if variant == mitigations.PLAIN:
         return name, summary
     return f"{name} · {variant}", mitigations.with_variant(summary, cache.q(name, "variant_bin_summary", variant))
@@ -48,7 +50,25 @@ for name, inf, df in ((name_a, info, a), (name_b, info_b, b)):
 crisis = pd.merge(findings.crisis_by_bin(a), findings.crisis_by_bin(b), on=["freq_bin", "bin"], how="outer",
                   suffixes=(f" [{name_a}]", f" [{name_b}]"))
 st.dataframe(crisis, hide_index=True)
-st.caption("Rare bins: 1 ≤ freq < 1,000 in the datastore. `delta_ppl` = PPL kNN-LM − PPL LM of the bin's tokens.")
+st.caption("Rare bins: 1 ≤ freq < 1,000 in the datastore. `delta_ppl` = PPL kNN-LM − PPL LM of the bin's tokens; "
+           "`kNN-LM` is the verdict of `ppl_change`'s paired interval within each run. " + ci.METHOD)
+
+st.subheader(f"{name_a} vs {name_b}, per bin")
+variant_a = name_a[len(run) + 3:] if name_a != run else mitigations.PLAIN
+variant_b = name_b[len(run_b) + 3:] if name_b != run_b else mitigations.PLAIN
+diff = intervals.run_difference(cache.q(run, "doc_bin_sums", variant_a), info,
+                                cache.q(run_b, "doc_bin_sums", variant_b), info_b)
+paired = intervals.same_documents(info, info_b)
+st.caption(
+    f"`ppl_knnlm_a_vs_b` = PPL kNN-LM of {name_a} / that of {name_b} − 1 per bin (and the same for the LM). "
+    + ("Both runs were evaluated on the same text: the intervals are **paired** (the same documents drawn for both)."
+       if paired else "The runs were evaluated on **different text**: the intervals resample each run's documents "
+       "independently (unpaired), so they are wider than a paired comparison would be.")
+)
+st.plotly_chart(figures.bin_bars(diff, {"ppl_knnlm_a_vs_b": "kNN-LM", "ppl_lm_a_vs_b": "LM"},
+                                 f"PPL of {name_a} relative to {name_b}", "relative change", percent=True))
+st.dataframe(diff, hide_index=True)
+widgets.csv_button(diff, f"compare-{run}-vs-{run_b}-difference")
 
 names = (name_a, name_b)
 c1, c2 = st.columns(2)

@@ -10,7 +10,7 @@ import streamlit as st
 
 from knnlm_core import queries
 from knnlm_core.bins import bin_label
-from ui import cache, figures, widgets
+from ui import cache, ci, figures, widgets
 
 run, info = widgets.current_run()
 st.title("Exact vs PQ search")
@@ -63,6 +63,8 @@ st.markdown(
     f"the exact ones). Bins where |Δ| < {queries.MIN_EFFECT_NATS} nats have no share."
 )
 st.dataframe(df, hide_index=True)
+st.caption("`change_exact_vs_ivf_pq` (and `change_ivf_exact_vs_ivf_pq`): relative PPL change of exact search (exact "
+           "distances) vs the paper's IVFPQ + PQ setting on the same tokens; `exact_vs_ivf_pq` its verdict. " + ci.METHOD)
 widgets.csv_button(df, f"{run}-exact-vs-pq")
 
 st.subheader("Where exact search changes the prediction most")

@@ -6,7 +6,7 @@ oracle per-frequency-bin λ, labelled as the upper bound it is."""
 import streamlit as st
 
 from knnlm_core import adaptive, mitigations, queries
-from ui import cache, figures, widgets
+from ui import cache, ci, figures, widgets
 
 ORACLE = adaptive.ORACLE_LABEL
 run, info = widgets.current_run()
@@ -54,10 +54,13 @@ if stale:
 
 st.plotly_chart(figures.variant_change_by_bin(compared, names))
 st.subheader("Per bin, beside the plain run")
-st.markdown("\n".join(f"- {mitigations.rare_bin_verdict(compared, v, names[v])}"
+groups = {v: cache.q(run, "variant_group_changes", v) for v in variants["variant"] if v != mitigations.PLAIN}
+groups[ORACLE] = cache.q(run, "oracle_group_changes")
+st.markdown("\n".join(f"- {mitigations.rare_bin_verdict(compared, v, names[v], groups[v])}"
                       for v in per_variant if v != mitigations.PLAIN))
-st.caption(f"Verdict per bin: `helps` / `hurts` when the bin's PPL changes by more than ±{mitigations.SAME_PCT}% vs "
-           "plain, else `same`; the sentences pool the rare bins (1 ≤ freq < 1,000) and the frequent ones (≥ 10k).")
+st.caption("Verdict per bin (SPEC §11): `helps` / `hurts` only when the 95% interval of the PPL change vs plain "
+           "excludes 0, else `no significant difference`; error bars and `*_ci_lo` / `*_ci_hi` are those intervals. "
+           "The sentences pool the rare bins (1 ≤ freq < 1,000) and the frequent ones (≥ 10k). " + ci.METHOD)
 st.dataframe(compared, hide_index=True)
 widgets.csv_button(compared, f"{run}-mitigations")
 

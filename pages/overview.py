@@ -3,9 +3,10 @@ findings (SPEC §6) checked on this run."""
 
 import streamlit as st
 
-from ui import cache, figures, findings, widgets
+from ui import cache, ci, figures, findings, widgets
 
-MARKS = {True: "⚠", False: "✗", None: "–"}  # a note on a finding that holds is a caveat
+MARKS = {True: "⚠", False: "✗", None: "–"}  # a note on a finding that holds is a caveat; "≈": not significant
+CI_COLUMNS = ("freq_bin", "bin", "n_tokens", "n_docs", "ppl_lm", "ppl_knnlm", "ppl_change", "knnlm_vs_lm", "ci_note")
 run, info = widgets.current_run()
 st.title("kNN-LM long-tail diagnostics")
 st.caption(
@@ -31,8 +32,13 @@ c2.metric(
 )
 c3.metric("evaluation tokens", f"{int(tot['n_tokens']):,}")
 c4.metric("tokens harmed (gain < 0)", f"{100 * tot['share_harmed']:.1f}%")
+st.caption(ci.overall_ci_caption(tot))
 
 st.plotly_chart(figures.ppl_by_bin(bins, "Perplexity per target-frequency bin: LM vs kNN-LM"))
+with st.expander("Per-bin perplexity with 95% intervals"):
+    per_bin = bins[[c for c in bins.columns if c.split("_ci_")[0] in CI_COLUMNS]]
+    st.dataframe(per_bin, hide_index=True)
+    widgets.csv_button(per_bin, f"{run}-ppl-by-bin")
 
 st.subheader("The paper's findings on this run")
 exact = cache.q(run, "exact_bin_summary", k, float(info["lambda"])) if cache.q(run, "has_exact") else None
@@ -43,9 +49,14 @@ checks = findings.evaluate(
 table = findings.to_frame(checks)
 n_ok = sum(f.ok is True for f in checks)
 n_eval = sum(f.ok is not None for f in checks)
-st.markdown(f"**{n_ok} of {n_eval}** checkable findings hold on this run.")
+n_ns = sum(f.ns for f in checks)
+st.markdown(f"**{n_ok} of {n_eval}** checkable findings hold on this run" +
+            (f"; {n_ns} show no significant difference (≈)." if n_ns else "."))
+st.caption("Per-bin claims are decided by 95% block-bootstrap intervals over evaluation documents (SPEC §11): ✓ / ✗ "
+           "only when the interval of the difference excludes 0. Contamination is a per-type mean without an "
+           "interval; the correlations carry their p-values.")
 st.dataframe(table, hide_index=True, column_config={"verdict": st.column_config.TextColumn(width="small")})
 for f in checks:
     if f.note:
-        st.markdown(f"- {MARKS[f.ok]} {f.note}")
+        st.markdown(f"- {'≈' if f.ns else MARKS[f.ok]} {f.note}")
 widgets.csv_button(table, f"{run}-findings")

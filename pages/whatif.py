@@ -8,7 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from knnlm_core import adaptive, whatif
-from ui import cache, figures, widgets
+from ui import cache, ci, figures, widgets
+from ui.params import parse_float, parse_int
 
 run, info = widgets.current_run()
 st.title("What-if re-scoring")
@@ -22,17 +23,20 @@ side = cache.all_neighbours_path(run).is_file()
 st.caption(f"Stored neighbours: {'all' if side else 'the first'} {stored} of the run's k = {run_k} per position "
            f"({whatif.ALL_NEIGHBOURS if side else 'neighbors table'}; distances: {', '.join(data.sources)}).")
 
-raw_k = st.query_params.get("k")
-if raw_k is not None and raw_k.isdigit() and int(raw_k) > run_k:
-    st.info(f"k = {raw_k} exceeds the run's k = {run_k} (neighbours its index returned per position); "
-            f"k is limited to {run_k}.")
+tau_max = max(100.0, 2 * settings.tau)
+asked = {  # URL values, each replaced by the run's own with a one-line note when unusable
+    "k": widgets.url_param("k", lambda raw: parse_int("k", raw, 1, run_k, run_k, f"the run's k = {run_k}")),
+    "tau": widgets.url_param("tau", lambda raw: parse_float("tau", raw, 0.1, tau_max, settings.tau,
+                                                            f"the run's τ = {settings.tau:g}")),
+    "lam": widgets.url_param("lam", lambda raw: parse_float("lam", raw, 0.0, 1.0, settings.lam,
+                                                            f"the run's λ = {settings.lam:g}")),
+}
 c = st.columns(4)
 fixed = stored == 0  # nothing to re-score: only λ can change
 k = c[0].slider("k", 1, max(run_k, 2), run_k, key="k", bind="query-params", disabled=fixed or run_k < 2)
-tau = c[1].slider(
-    "τ", 0.1, max(100.0, 2 * settings.tau), settings.tau, 0.1, key="tau", bind="query-params", disabled=fixed
-)
+tau = c[1].slider("τ", 0.1, tau_max, settings.tau, 0.1, key="tau", bind="query-params", disabled=fixed)
 lam = c[2].slider("λ", 0.0, 1.0, settings.lam, 0.01, key="lam", bind="query-params")
+k, tau, lam = (widgets.settle(name, asked[name], v) for name, v in (("k", k), ("tau", tau), ("lam", lam)))
 source = c[3].radio("distances", list(whatif.SOURCES), index=list(whatif.SOURCES).index(settings.source),
                     key="whatif_source", disabled=fixed)
 if fixed:
@@ -77,10 +81,9 @@ elif use_idf:
     variants["IDF-weighted"] = whatif.interpolate(data, lam, cache.rescored(run, k_idf, tau, source, use_idf=True))
     st.caption(f"IDF-weighted p_kNN re-scored from {k_idf} stored neighbours per position"
                + ("." if k <= stored else f" (approximate: k = {k} requested, {stored} stored)."))
-run_bins = cache.q(run, "bin_summary", run_k)[["freq_bin", "bin", "n_tokens", "ppl_lm", "ppl_knnlm"]]
-table = run_bins.rename(columns={"ppl_knnlm": "ppl_knnlm_run"})
-for name, p in variants.items():
-    table[f"ppl_{name}"] = whatif.ppl_by_bin(data.freq_bin, data.p_lm, p)["ppl"].to_numpy()
+run_bins = cache.q(run, "bin_summary", run_k)
+table = whatif.scenario_table(run_bins, data, variants, cache.q(run, "doc_ids"), int(info["n_docs"]),
+                              float(info["lambda"]))
 m = st.columns(len(variants) + 1)
 m[0].metric("PPL kNN-LM (run)", f"{info['ppl_knnlm']:.2f}")
 for col, (name, p) in zip(m[1:], variants.items(), strict=True):
@@ -91,13 +94,15 @@ for col, (name, p) in zip(m[1:], variants.items(), strict=True):
 st.plotly_chart(
     figures.lines_by_bin(
         table,
-        {c: c.removeprefix("ppl_") for c in table.columns if c.startswith("ppl_")},
+        {c: c.removeprefix("ppl_") for c in table.columns if c.startswith("ppl_") and "_ci_" not in c},
         "Perplexity per bin: run vs what-if",
         "perplexity",
         log_y=True,
     )
 )
 st.dataframe(table, hide_index=True)
+st.caption("`change_<scenario>`: the scenario's PPL relative to the run's kNN-LM on the same tokens, with its paired "
+           "interval; `<scenario>_vs_run` its verdict (lower / higher / no significant difference). " + ci.METHOD)
 widgets.csv_button(table, f"{run}-whatif")
 st.caption(
     "IDF-weighted p_kNN: neighbour j weighs exp(−d_j/τ) · ln(1 + N / freq(v_j)), renormalised over the "
