@@ -69,6 +69,10 @@ def test_wikitext2_test_articles(tokenizer):
     docs = documents.for_eval_tokens(text, tokenizer, ids, 2048)
     assert docs.mode == documents.MODE_ARTICLES and len(docs.titles) == 62 and docs.titles[0] == "Robert Boulter"
     assert np.all(np.diff(docs.doc_id) >= 0) and docs.doc_id[-1] == 61
+    from precompute.verify import reference_doc_ids  # the verifier's independent scan agrees
+
+    np.testing.assert_array_equal(reference_doc_ids(text, tokenizer, len(ids) - 1, 2048), docs.doc_id)
+    np.testing.assert_array_equal(reference_doc_ids(text, tokenizer, 19999, 2048), docs.doc_id[:19999])
 
 
 def test_text_that_does_not_match_the_run_is_refused(tokenizer):
