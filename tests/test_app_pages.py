@@ -61,6 +61,9 @@ def test_bins_page_and_filters(runs_env):
     n_bins = con.execute("SELECT count(DISTINCT freq_bin) FROM eval_tokens").fetchone()[0]
     con.close()
     assert len(table) == n_bins and {"ppl_lm", "ppl_knnlm", "hit_64", "mean_contamination"} <= set(table.columns)
+    # SPEC §11: the tiny run's 500 positions are one document, so no bin has an interval, and each says so
+    assert table["ppl_knnlm_ci_lo"].isna().all() and (table["ci_note"] == "no interval: < 5 documents").all()
+    assert (table["knnlm_vs_lm"] == "no interval").all() and "no interval" in _texts(at)
     assert "r =" in " ".join(m.value for m in at.metric)
     at.radio(key="bins_outcome").set_value("harmed").run()
     assert not at.exception
