@@ -48,7 +48,8 @@ def test_overview(runs_env):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["PPL LM"] == f"{run['ppl_lm']:.2f}"
     assert metrics["PPL kNN-LM"] == f"{run['ppl_knnlm']:.2f}"
-    findings = at.dataframe[0].value
+    per_bin, findings = at.dataframe[0].value, at.dataframe[1].value
+    assert {"ppl_knnlm_ci_lo", "ppl_change_ci_hi", "n_docs", "knnlm_vs_lm"} <= set(per_bin.columns)
     assert len(findings) == 10 and set(findings["verdict"]) <= {"✓", "✗", "–", "≈"}  # SPEC §6 rows + 2 exact-search rows
     assert "checkable findings hold" in _texts(at)
     assert not at.error
