@@ -12,8 +12,10 @@ run, info = widgets.current_run()
 st.title("Neighbour inspector")
 last = info["n_eval"] - 1
 asked = widgets.url_param("pos", lambda raw: parse_int("pos", raw, 0, last, 0, "position 0"))
-pos = int(widgets.settle("pos", asked, st.number_input("Evaluation position", 0, last, 0, key="pos",
-                                                         bind="query-params")))
+# A float input: Streamlit's int number_input seeds itself from the URL with int(float(value)), which
+# raises OverflowError on ?pos=inf; the float one treats a non-finite value as invalid.
+pos = int(widgets.settle("pos", asked, st.number_input("Evaluation position", 0.0, float(last), 0.0, 1.0, "%.0f",
+                                                         key="pos", bind="query-params")))
 
 row = cache.q(run, "eval_row", pos)
 if not row:

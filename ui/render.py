@@ -44,5 +44,6 @@ def md_code(text: str) -> str:
     if not shown:
         return "∅"
     fence = "`" * (max((len(run) for run in re.findall(r"`+", shown)), default=0) + 1)
-    pad = " " if shown[0] in "` " or shown[-1] in "` " else ""  # one space each side is stripped again
+    edge = shown[0] in "` " or shown[-1] in "` "
+    pad = " " if edge and shown.strip() else ""  # one space each side is stripped again (not from all-space text)
     return f"{fence}{pad}{shown}{pad}{fence}"

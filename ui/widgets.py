@@ -23,6 +23,7 @@ from ui.params import Parsed, default_run, list_runs, parse_choice, parse_range,
 
 T = TypeVar("T")
 _FIXES = "_url_fixes"  # session-state key: {param: (value, note)} that settle() staged for the next run
+_APPLIED = "_url_fixes_applied"  # session-state key: params whose staged value url_param() applied this run
 
 
 def fail(message: str, info: bool = False) -> NoReturn:
@@ -139,8 +140,11 @@ def bin_range(bins: list[int]) -> tuple[int, int]:
     """Select-slider over the run's bins (key/URL param `bin`), returns (low, high)."""
     if len(bins) == 1:
         return bins[0], bins[0]
-    parsed = url_param("bin", lambda raw: parse_range("bin", raw, [bin_label(b) for b in bins]))
-    parsed = Parsed((bins[parsed.value[0]], bins[parsed.value[1]]), parsed.note)
+    def parse(raw: list[str]) -> Parsed[tuple[int, int]]:
+        got = parse_range("bin", raw, [bin_label(b) for b in bins])  # indices into bins
+        return Parsed((bins[got.value[0]], bins[got.value[1]]), got.note)
+
+    parsed = url_param("bin", parse)
     lo, hi = st.select_slider(
         "Frequency bins",
         options=bins,
@@ -173,6 +177,7 @@ def url_param(name: str, parse: Callable[[list[str]], Parsed[T]]) -> Parsed[T]:
     if name in fixes:  # staged by settle() in the previous run: the widget shows it now
         value, note = fixes.pop(name)
         st.session_state[name] = value
+        st.session_state.setdefault(_APPLIED, set()).add(name)
         parsed = Parsed(value, note)
     else:
         parsed = parse(st.query_params.get_all(name))
@@ -189,6 +194,10 @@ def settle(name: str, parsed: Parsed[T], value: T) -> T:
     took another one, stage the parser's value for the widget and rerun once (a widget's
     session-state value can only be set before the widget exists in a run).
     """
+    applied = st.session_state.get(_APPLIED, set())
+    if name in applied:  # this run already carries the fix: never rerun twice for one value
+        applied.discard(name)
+        return parsed.value
     if parsed.note is None or value == parsed.value:
         return value
     st.session_state.setdefault(_FIXES, {})[name] = (parsed.value, parsed.note)
