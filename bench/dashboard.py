@@ -9,12 +9,15 @@ Targets (docs/DASHBOARD.md): warm ≤ 1.0 s per page, ≤ 0.3 s for the neighbou
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import BenchParser, count  # noqa: E402
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 PAGES = ("overview", "bins", "tokens", "neighbors", "exact", "whatif", "mitigations", "compare")
@@ -48,12 +51,12 @@ def time_page(page: str, run: str, params: dict[str, str], repeats: int) -> tupl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = BenchParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs-dir", required=True, type=Path)
     ap.add_argument("--run", required=True)
     ap.add_argument("--pos", default="1000")
     ap.add_argument("--token", default="the")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=count, default=3)
     args = ap.parse_args()
     os.environ["KNNLM_RUNS_DIR"] = str(args.runs_dir.resolve())
     logging.getLogger("streamlit").setLevel(logging.ERROR)

@@ -20,7 +20,6 @@ streamed search runs in torch on the GPU and is compared with the CPU figure of 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import DefaultsHelp  # noqa: E402
+from bench.common import BenchParser, DefaultsHelp, count  # noqa: E402
 
 
 def best_of(fn, repeats: int = 2) -> float:
@@ -61,13 +60,13 @@ def load(args):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelp)
+    parser = BenchParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelp)
     parser.add_argument("--run-dir", help="a built run: its keys and a sample of its queries")
-    parser.add_argument("--n", type=int, default=500_000, help="synthetic keys (without --run-dir)")
-    parser.add_argument("--dim", type=int, default=192)
-    parser.add_argument("--queries", type=int, default=2000)
-    parser.add_argument("--k", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n", type=count, default=500_000, help="synthetic keys (without --run-dir)")
+    parser.add_argument("--dim", type=count, default=192)
+    parser.add_argument("--queries", type=count, default=2000)
+    parser.add_argument("--k", type=count, default=1024)
+    parser.add_argument("--threads", type=count, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--stage", action="store_true", help="also time the whole exact stage per query (--run-dir)")
     args = parser.parse_args()

@@ -35,7 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the pipeline's progress bar would 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import DefaultsHelp  # noqa: E402
+from bench.common import BenchParser, DefaultsHelp, count, size  # noqa: E402
 from knnlm_core.config import RunConfig, resolve_path  # noqa: E402
 from knnlm_core.corpus import load_tokenizer, tokenize_file  # noqa: E402
 from knnlm_core.model import load_model, wrap_model  # noqa: E402
@@ -48,7 +48,7 @@ FALLBACK_TOKENIZER = "data/models/demo-gpt2"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = BenchParser(
         description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp
     )
     p.add_argument(
@@ -63,18 +63,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"tokenizer directory; '' = the model folder if it has tokenizer files, else {FALLBACK_TOKENIZER}",
     )
     p.add_argument("--corpus", default="data/corpora/wikitext2-valid.raw.gz", help="corpus file (.gz ok)")
-    p.add_argument("--tokens", type=int, default=20000, help="first N tokens of the corpus")
-    p.add_argument("--max-context", type=int, default=0, help="window length; 0 = n_positions capped at 1024")
-    p.add_argument("--stride", type=int, default=0, help="window stride; 0 = max_context // 2")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (pipeline side)")
+    p.add_argument("--tokens", type=count, default=20000, help="first N tokens of the corpus")
+    p.add_argument("--max-context", type=size, default=0, help="window length; 0 = n_positions capped at 1024")
+    p.add_argument("--stride", type=size, default=0, help="window stride; 0 = max_context // 2")
+    p.add_argument("--batch-size", type=count, default=8, help="windows per forward pass (pipeline side)")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="forward-pass dtype (both sides)"
     )
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--threads", type=count, default=2, help="torch intra-op threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shape", default="", choices=["", "gpt2-xl", "gpt2-large", "gpt2"],
                    help="build a RANDOM-weight GPT-2 of this shape (no download) instead of --model")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per side (best is reported)")
+    p.add_argument("--repeats", type=count, default=2, help="timed runs per side (best is reported)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")

@@ -32,7 +32,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import DefaultsHelp  # noqa: E402
+from bench.common import BenchParser, DefaultsHelp, count, factory, size  # noqa: E402
 from knnlm_core.index import _ivf_or_none, blocks, sample_rows  # noqa: E402
 from knnlm_core.keystore import open_keys  # noqa: E402
 from precompute.runner import Shards  # noqa: E402
@@ -40,15 +40,15 @@ from precompute.stages.index import build_index  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
+    p = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     p.add_argument("--run-dir", default="", help="use a built run's keys instead of synthetic ones")
-    p.add_argument("--n", type=int, default=300_000, help="number of keys (first n of the run's)")
-    p.add_argument("--dim", type=int, default=192, help="synthetic key dimension")
-    p.add_argument("--factory", default="IVF1024,PQ64")
-    p.add_argument("--train-size", type=int, default=65536)
-    p.add_argument("--shard-size", type=int, default=131072)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--n", type=count, default=300_000, help="number of keys (first n of the run's)")
+    p.add_argument("--dim", type=count, default=192, help="synthetic key dimension")
+    p.add_argument("--factory", type=factory, default="IVF1024,PQ64")
+    p.add_argument("--train-size", type=size, default=65536)
+    p.add_argument("--shard-size", type=count, default=131072)
+    p.add_argument("--threads", type=count, default=2)
+    p.add_argument("--repeats", type=count, default=1)
     return p.parse_args(argv)
 
 

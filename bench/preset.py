@@ -12,7 +12,6 @@ Goals for `configs/wikitext2.toml` on 2 cores: <= 15 min wall, <= 4 GB peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from bench.common import BenchParser  # noqa: E402
 
 
 def status_kb(pid: int) -> dict[str, int]:
@@ -40,7 +41,7 @@ def status_kb(pid: int) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = BenchParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/wikitext2.toml")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--fresh", action="store_true", help="delete the run directory first (a full build)")

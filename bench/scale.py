@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -26,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from bench.common import DefaultsHelp  # noqa: E402
+from bench.common import BenchParser, DefaultsHelp, size  # noqa: E402
 
 HEAVY = ("datastore", "eval_lm", "index", "search", "types", "database")
 
@@ -74,10 +73,10 @@ def plan(*args: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
+    p = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     p.add_argument("--config", default="configs/ci-tiny.toml")
-    p.add_argument("--datastore-tokens", type=int, default=500_000)
-    p.add_argument("--eval-tokens", type=int, default=20_000)
+    p.add_argument("--datastore-tokens", type=size, default=500_000)
+    p.add_argument("--eval-tokens", type=size, default=20_000)
     p.add_argument("--work", default="/tmp/scale", help="folder for the two runs, config and rates")
     p.add_argument("--skip-runs", action="store_true", help="reuse the runs already in --work (plan steps only)")
     p.add_argument("--skip-calibration", action="store_true", help="reuse --work/rates.json when it exists")

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import DefaultsHelp  # noqa: E402
+from bench.common import BenchParser, DefaultsHelp, count, factory, size  # noqa: E402
 from knnlm_core.config import RunConfig, resolve_path  # noqa: E402
 from knnlm_core.index import add_keys, check_factory, reconstruction_error, sample_rows, search, set_nprobe  # noqa: E402
 from knnlm_core.keystore import open_keys  # noqa: E402
@@ -50,18 +50,18 @@ DEFAULTS = RunConfig()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = BenchParser(
         description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp
     )
     p.add_argument(
         "--run-dir", default="", help="use a built run's keys/values/queries/index instead of synthetic data"
     )
-    p.add_argument("--k", type=int, default=None, help=f"neighbours per query (default: run's, else {DEFAULTS.k})")
+    p.add_argument("--k", type=count, default=None, help=f"neighbours per query (default: run's, else {DEFAULTS.k})")
     p.add_argument(
         "--nprobe", type=int, default=None, help=f"IVF lists probed (default: run's, else {DEFAULTS.nprobe})"
     )
-    p.add_argument("--queries", type=int, default=4096, help="number of queries (first Q of the run's queries)")
-    p.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads")
+    p.add_argument("--queries", type=count, default=4096, help="number of queries (first Q of the run's queries)")
+    p.add_argument("--threads", type=count, default=2, help="faiss OpenMP threads")
     p.add_argument("--temperature", type=float, default=None, help=f"default: run's, else {DEFAULTS.temperature}")
     p.add_argument(
         "--distance-source",
@@ -69,17 +69,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"default: run's, else {DEFAULTS.distance_source}",
     )
-    p.add_argument("--store-neighbors", type=int, default=None, help=f"default: run's, else {DEFAULTS.store_neighbors}")
-    p.add_argument("--search-batch", type=int, default=None, help=f"default: run's, else {DEFAULTS.search_batch}")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per side (best is reported)")
+    p.add_argument("--store-neighbors", type=size, default=None, help=f"default: run's, else {DEFAULTS.store_neighbors}")
+    p.add_argument("--search-batch", type=count, default=None, help=f"default: run's, else {DEFAULTS.search_batch}")
+    p.add_argument("--repeats", type=count, default=2, help="timed runs per side (best is reported)")
     p.add_argument("--breakdown", action="store_true", help="also time each step of the pipeline loop (one extra pass)")
     syn = p.add_argument_group("synthetic data (without --run-dir)")
-    syn.add_argument("--n", type=int, default=200_000, help="datastore keys")
-    syn.add_argument("--dim", type=int, default=192, help="key dimension")
-    syn.add_argument("--factory", default="IVF1024,PQ64", help="faiss index factory")
-    syn.add_argument("--train-size", type=int, default=40960, help="keys sampled to train the index")
-    syn.add_argument("--vocab", type=int, default=50257, help="value (token id) range")
-    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--n", type=count, default=200_000, help="datastore keys")
+    syn.add_argument("--dim", type=count, default=192, help="key dimension")
+    syn.add_argument("--factory", type=factory, default="IVF1024,PQ64", help="faiss index factory")
+    syn.add_argument("--train-size", type=size, default=40960, help="keys sampled to train the index")
+    syn.add_argument("--vocab", type=size, default=50257, help="value (token id) range")
+    syn.add_argument("--seed", type=size, default=0)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")

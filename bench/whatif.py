@@ -24,7 +24,6 @@ the machine: compare the two sides of one run; process CPU seconds are printed t
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.common import DefaultsHelp  # noqa: E402
+from bench.common import BenchParser, DefaultsHelp, count, size  # noqa: E402
 from knnlm_core import knn, whatif  # noqa: E402
 
 RUN_TAU, RUN_LAM = 10.0, 0.25  # the synthetic run's own τ and λ (pq distances, all k)
@@ -141,12 +140,12 @@ def side_by_side(label: str, data, k: int, tau: float, source: str, threads: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelp)
-    ap.add_argument("--positions", type=int, default=286_220, help="T evaluation positions")
-    ap.add_argument("--k", type=int, default=1024, help="neighbours per position (all stored)")
-    ap.add_argument("--vocab", type=int, default=50_257)
-    ap.add_argument("--threads", type=int, default=None, help="re-scoring threads (default: all CPUs, <= 8)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = BenchParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelp)
+    ap.add_argument("--positions", type=size, default=286_220, help="T evaluation positions")
+    ap.add_argument("--k", type=count, default=1024, help="neighbours per position (all stored)")
+    ap.add_argument("--vocab", type=size, default=50_257)
+    ap.add_argument("--threads", type=count, default=None, help="re-scoring threads (default: all CPUs, <= 8)")
+    ap.add_argument("--seed", type=size, default=0)
     args = ap.parse_args()
     n_threads = args.threads or min(os.cpu_count() or 1, 8)
 

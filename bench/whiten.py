@@ -28,7 +28,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import DefaultsHelp  # noqa: E402
+from bench.common import BenchParser, DefaultsHelp, count, factory, size  # noqa: E402
 from bench.index import synthetic_keys  # noqa: E402
 from knnlm_core import whiten  # noqa: E402
 from knnlm_core.keystore import open_keys  # noqa: E402
@@ -38,13 +38,13 @@ from precompute.stages.mitigate import WhitenedKeys  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
+    p = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     p.add_argument("--run-dir", default="", help="use a built run's keys and values instead of synthetic ones")
-    p.add_argument("--n", type=int, default=300_000, help="number of keys (first n of the run's)")
-    p.add_argument("--factory", default="IVF1024,PQ64")
-    p.add_argument("--train-size", type=int, default=65536)
-    p.add_argument("--shard-size", type=int, default=131072)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n", type=count, default=300_000, help="number of keys (first n of the run's)")
+    p.add_argument("--factory", type=factory, default="IVF1024,PQ64")
+    p.add_argument("--train-size", type=size, default=65536)
+    p.add_argument("--shard-size", type=count, default=131072)
+    p.add_argument("--threads", type=count, default=2)
     p.add_argument("--eps", type=float, default=1e-6, help="relative ε of the whitening")
     return p.parse_args(argv)
 

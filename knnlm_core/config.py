@@ -7,10 +7,11 @@ against the repository root when they exist there, so presets work from any dire
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,38 +68,21 @@ class RunConfig:
     seed: int = 0
     threads: int = 2
 
-    def validate(self) -> RunConfig:
-        """Return self if consistent, else raise ConfigError naming the field and the fix."""
-        checks = [
-            (self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
-            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
-            (self.shard_size >= 1, "shard_size must be >= 1"),
-            (self.distance_source in ("pq", "exact"), "distance_source must be 'pq' or 'exact'"),
-            (self.contamination_search in ("exact", "index"), "contamination_search must be 'exact' or 'index'"),
-            (self.exact_search in ("auto", "on", "off"), "exact_search must be 'auto', 'on' or 'off'"),
-            (self.eval_domain in ("", "in-domain", "out-of-domain"),
-             "eval_domain must be 'in-domain', 'out-of-domain' or '' (unstated)"),
-            (self.k >= 1, "k must be >= 1"),
-            (self.nprobe >= 1, "nprobe must be >= 1"),
-            (self.temperature > 0, "temperature must be > 0"),
-            (0.0 <= self.lam <= 1.0, "lambda must be in [0, 1]"),
-            (0 <= self.store_neighbors, "store_neighbors must be >= 0"),
-            (self.batch_size >= 1 and self.search_batch >= 1, "batch sizes must be >= 1"),
-            (self.max_context == 0 or self.max_context >= 2, "max_context must be 0 (auto) or >= 2"),
-            (self.stride >= 0, "stride must be >= 0 (0 = max_context // 2)"),
-            (bool(self.model), "model must name a hub model or a local directory"),
-            (all(w in ("entries", "zipfian") for w in self.whiten_kinds) and self.whiten.strip() != "",
-             "whiten must be 'none', 'entries', 'zipfian' or 'entries,zipfian'"),
-            (not self.whiten_kinds or bool(self.valid_corpus),
-             "whiten needs valid_corpus (τ of a whitened index is chosen on it), e.g. "
-             "valid_corpus = \"data/corpora/wikitext2-valid.raw.gz\""),
-            (self.whiten_eps > 0, "whiten_eps must be > 0"),
-            (self.adaptive_bins >= 1, "adaptive_bins must be >= 1"),
-            (self.doc_block_tokens >= 1, "doc_block_tokens must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"invalid config: {message}")
+    def validate(self, origin: dict[str, str] | None = None) -> RunConfig:
+        """Return self if every field has its type and range and the fields agree, else raise one
+        ConfigError line naming the field, its value, what is allowed and the fix.
+
+        `origin` maps a field to where its value came from (a TOML path or a CLI flag).
+        """
+        origin = origin or {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            check_type(f.name, value, FIELD_TYPES[f.name], origin.get(f.name))
+            if f.name in RULES:
+                RULES[f.name].check(f.name, value, origin.get(f.name))
+        for names, problem in cross_field_problems(self):
+            where = "; ".join(f"{n} from {origin[n]}" for n in names if n in origin)
+            raise ConfigError(f"invalid config: {problem}" + (f" ({where})" if where else ""))
         return self
 
     @property
@@ -123,6 +107,168 @@ class RunConfig:
         return data
 
 
+# ---------------------------------------------------------------- schema: types, ranges, cross-field rules
+
+FIELD_TYPES: dict[str, type] = get_type_hints(RunConfig)  # field -> int | float | str, from the annotations
+C_INT_MAX = 2**31 - 1  # counts that reach faiss / torch as C ints
+BIG_INT = 2**62  # token and entry counts (int64 with headroom)
+SEARCH_RESULT_BYTES_MAX = 4 << 30  # search_batch x k x (float32 distance + int64 id) per faiss call
+
+
+def _show(value: Any) -> str:
+    """A value as one short line (repr escapes newlines)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fail(name: str, value: Any, allowed: str, fix: str, where: str | None) -> ConfigError:
+    spelled = "lambda" if name == "lam" else name
+    src = f" (from {where})" if where else ""
+    return ConfigError(f"invalid config: {spelled} = {_show(value)}{src}: allowed: {allowed}; fix: {fix}")
+
+
+_TYPE_WORDS = {int: "an integer (no quotes, no decimal point)", float: "a finite number",
+               str: "a quoted string without NUL characters"}
+
+
+def type_ok(value: Any, typ: type) -> bool:
+    """Whether `value` has the field type `typ`: bool is no int, an int is a float, floats are finite."""
+    if isinstance(value, bool):
+        return typ is bool
+    if typ is int:
+        return isinstance(value, int)
+    if typ is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if typ is str:
+        return isinstance(value, str) and "\x00" not in value
+    return isinstance(value, typ)
+
+
+def check_type(name: str, value: Any, typ: type, where: str | None = None) -> None:
+    """ConfigError unless `value` has the type the dataclass annotation of `name` declares."""
+    if not type_ok(value, typ):
+        example = getattr(RunConfig, name)
+        raise _fail(name, value, _TYPE_WORDS.get(typ, typ.__name__), f"write it like the default, "
+                    f"{'lambda' if name == 'lam' else name} = {example!r}".replace("'", '"'), where)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one field allows beyond its type: a range (0 optionally meaning "auto"), choices or non-empty."""
+
+    lo: float | None = None  # smallest value allowed (inclusive unless lo_open)
+    hi: float | None = None  # largest value allowed (inclusive)
+    lo_open: bool = False  # lo itself is excluded (temperature > 0)
+    zero_ok: bool = False  # 0 is allowed besides [lo, hi] (0 = auto / whole file)
+    choices: tuple[str, ...] = ()
+    nonempty: bool = False
+    fix: str = ""  # what to do, beyond "choose an allowed value"
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.nonempty:
+            return "a non-empty string"
+        low = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        high = "" if self.hi is None else f"<= {_num(self.hi)}"
+        rng = " and ".join(x for x in (low, high) if x) or "any value"
+        return ("0 or " + rng) if self.zero_ok else rng
+
+    def ok(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.nonempty:
+            return bool(value.strip())
+        if self.zero_ok and value == 0:
+            return True
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        return above and (self.hi is None or value <= self.hi)
+
+    def check(self, name: str, value: Any, where: str | None = None) -> None:
+        if not self.ok(value):
+            raise _fail(name, value, self.allowed(), self.fix or "choose an allowed value", where)
+
+
+def _num(x: float) -> str:
+    """A bound as people write it: 1,048,576 rather than 1.04858e+06."""
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def _count(lo: int, hi: int = C_INT_MAX, fix: str = "") -> Rule:
+    return Rule(lo=lo, hi=hi, fix=fix)
+
+
+# Every field of RunConfig, by what it allows (tests/test_config.py asserts none is missing).
+RULES: dict[str, Rule] = {
+    "model": Rule(nonempty=True, fix='a hub name such as "gpt2-xl" or a local model directory'),
+    "tokenizer": Rule(fix='"" (the model\'s own) or a tokenizer directory'),
+    "dtype": Rule(choices=("float32", "bfloat16", "float16")),
+    "device": Rule(choices=("auto", "cpu", "cuda")),
+    "batch_size": _count(1, 1 << 16, "windows per forward pass, e.g. 8"),
+    "max_context": Rule(lo=2, hi=1 << 20, zero_ok=True, fix="0 = the model's n_positions capped at 1024"),
+    "stride": Rule(lo=1, hi=1 << 20, zero_ok=True, fix="0 = max_context // 2"),
+    "datastore_corpus": Rule(nonempty=True, fix="a text file, e.g. data/corpora/wikitext2-train.tokens.gz"),
+    "datastore_limit_tokens": Rule(lo=2, hi=BIG_INT, zero_ok=True, fix="0 = the whole file"),
+    "eval_corpus": Rule(nonempty=True, fix="a text file, e.g. data/corpora/wikitext2-test.raw.gz"),
+    "eval_limit_tokens": Rule(lo=2, hi=BIG_INT, zero_ok=True, fix="0 = the whole file"),
+    "doc_block_tokens": _count(1, BIG_INT, "positions per document of text without articles, e.g. 2048"),
+    "eval_domain": Rule(choices=("", "in-domain", "out-of-domain"), fix='"" leaves it unstated'),
+    "index_factory": Rule(nonempty=True, fix="e.g. IVF4096,PQ64"),
+    "train_size": Rule(lo=1, hi=BIG_INT, zero_ok=True, fix="0 = train on all keys"),
+    "nprobe": _count(1, 1 << 24, "inverted lists visited per query, e.g. 32"),
+    "k": _count(1, 1 << 20, "neighbours per query, e.g. 1024"),
+    "temperature": Rule(lo=0, hi=1e12, lo_open=True, fix="τ > 0, e.g. 10"),
+    "lam": Rule(lo=0, hi=1, fix="λ in [0, 1], e.g. 0.25"),
+    "distance_source": Rule(choices=("pq", "exact")),
+    "search_batch": _count(1, 1 << 24, "queries per faiss call, e.g. 2048"),
+    "store_neighbors": Rule(lo=0, hi=C_INT_MAX, fix="neighbours kept per position, e.g. 64"),
+    "lm_top": _count(1, 1000, "LM top predictions kept per position, e.g. 10"),
+    "contamination_search": Rule(choices=("exact", "index")),
+    "datastore_tokens_from": Rule(fix='"" or the path of another run\'s metrics.duckdb'),
+    "exact_search": Rule(choices=("auto", "on", "off")),
+    "exact_max_entries": Rule(lo=0, hi=BIG_INT, fix="largest datastore searched exactly under auto"),
+    "valid_corpus": Rule(fix='"" = no mitigations, or a text file'),
+    "valid_limit_tokens": Rule(lo=2, hi=BIG_INT, zero_ok=True, fix="0 = the whole file"),
+    "whiten": Rule(choices=("none", "entries", "zipfian", "entries,zipfian", "zipfian,entries")),
+    "whiten_eps": Rule(lo=0, hi=1, lo_open=True, fix="relative ε, e.g. 1e-6"),
+    "adaptive_bins": _count(1, 1000, "e.g. 8"),
+    "shard_size": _count(1, C_INT_MAX, "keys per shard, e.g. 131072"),
+    "seed": Rule(lo=0, hi=C_INT_MAX, fix="a fixed seed >= 0 (a negative one lets faiss pick a random seed, so one "
+                                         "config would give two results)"),
+    "threads": _count(1, 1024, "CPU threads, e.g. 2"),
+}
+
+
+def cross_field_problems(cfg: RunConfig) -> list[tuple[tuple[str, ...], str]]:
+    """(fields involved, one-line problem) for each rule between fields that `cfg` breaks."""
+    from knnlm_core.factory import FactoryError, parse_factory, training_problem
+
+    out: list[tuple[tuple[str, ...], str]] = []
+    try:
+        parse_factory(cfg.index_factory)
+    except FactoryError as err:
+        return [(("index_factory",), str(err))]
+    if cfg.max_context and cfg.stride > cfg.max_context:
+        out.append((("stride", "max_context"), f"stride {cfg.stride} exceeds max_context {cfg.max_context}; fix: "
+                    "stride <= max_context, or 0 = max_context // 2"))
+    if cfg.whiten_kinds and not cfg.valid_corpus:
+        out.append((("whiten", "valid_corpus"), "whiten needs valid_corpus (τ of a whitened index is chosen on it); "
+                    'fix: valid_corpus = "data/corpora/wikitext2-valid.raw.gz" or whiten = "none"'))
+    max_entries = cfg.datastore_limit_tokens - 1 if cfg.datastore_limit_tokens else None
+    if max_entries is not None and cfg.k > max_entries:  # refused, not capped: a capped k is another experiment
+        out.append((("k", "datastore_limit_tokens"), f"k = {cfg.k} exceeds the at most {max_entries:,} entries of a "
+                    f"datastore limited to {cfg.datastore_limit_tokens:,} tokens; fix: k <= {max_entries:,}"))
+    n_train = min(n for n in (cfg.train_size, max_entries) if n) if (cfg.train_size or max_entries) else None
+    if n_train is not None and (problem := training_problem(cfg.index_factory, n_train)):
+        out.append((("index_factory", "train_size", "datastore_limit_tokens"), problem))
+    gib = cfg.search_batch * cfg.k * 12 / (1 << 30)
+    if cfg.search_batch * cfg.k * 12 > SEARCH_RESULT_BYTES_MAX:
+        out.append((("search_batch", "k"), f"search_batch x k = {cfg.search_batch:,} x {cfg.k:,} needs {gib:.1f} GiB "
+                    f"of results per search call (limit 4 GiB); fix: search_batch <= "
+                    f"{max(1, SEARCH_RESULT_BYTES_MAX // (12 * cfg.k)):,}"))
+    return out
+
+
 def _normalise(data: dict[str, Any], source: str) -> dict[str, Any]:
     """Map TOML / CLI spellings onto field names and reject unknown keys."""
     data = dict(data)
@@ -135,24 +281,44 @@ def _normalise(data: dict[str, Any], source: str) -> dict[str, Any]:
     return data
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """RunConfig from a TOML file plus non-None overrides, validated."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (see configs/ for presets)")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config {path} is not valid TOML: {err}") from err
-        data = _normalise(data, str(path))
-    cfg = RunConfig(**data)
-    extra = _normalise({k: v for k, v in (overrides or {}).items() if v is not None}, "overrides")
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML table of `path`; ConfigError (one line) if missing, unreadable, not UTF-8 or not TOML."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        raise ConfigError(f"config file {what}: {path} (see configs/ for presets)")
     try:
-        return replace(cfg, **extra).validate()
-    except TypeError as err:  # e.g. k = "64": a value of the wrong type
-        raise ConfigError(f"invalid config: a value has the wrong type ({err}); compare with configs/*.toml") from err
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err}); check its permissions") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start}); save it as UTF-8") from err
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config {path} is not valid TOML: {str(err).splitlines()[0]}") from err
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None,
+                flags: dict[str, str] | None = None) -> RunConfig:
+    """RunConfig from a TOML file plus non-None overrides, type-checked and validated.
+
+    `flags` names the CLI flag of each override field (for error messages).
+    """
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if path is not None:
+        data = _normalise(read_toml(path), str(path))
+        origin = {k: str(path) for k in data}
+    extra = _normalise({k: v for k, v in (overrides or {}).items() if v is not None}, "overrides")
+    data.update(extra)
+    origin.update({k: (flags or {}).get(k, "overrides") for k in extra})
+    for name, value in data.items():  # before the dataclass is built: a wrong type never reaches a method
+        check_type(name, value, FIELD_TYPES[name], origin.get(name))
+        if FIELD_TYPES[name] is float:
+            data[name] = float(value)  # an int where a float is expected: stored as the float it means
+    return RunConfig(**data).validate(origin)
 
 
 def resolve_path(value: str) -> Path:

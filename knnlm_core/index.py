@@ -13,11 +13,18 @@ from collections.abc import Callable, Iterator
 import faiss
 import numpy as np
 
-SUPPORTED_FORMS = "IVF<nlist>,PQ<m> (the paper's), IVF<nlist>,Flat, IVF<nlist>,SQ8, PQ<m>, Flat, OPQ<m>,IVF<nlist>,PQ<m>"
-MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this many training points per list
+from knnlm_core.factory import (
+    MIN_POINTS_PER_CENTROID,
+    SUPPORTED_FORMS,
+    FactoryError,
+    check_factory_dim,
+    training_problem,
+)
+
+__all__ = ["MIN_POINTS_PER_CENTROID", "IndexConfigError", "check_factory"]
 
 
-class IndexConfigError(ValueError):
+class IndexConfigError(FactoryError):
     """The index factory string does not fit the data (dimension, training size)."""
 
 
@@ -29,22 +36,12 @@ def ivf_nlist(factory: str) -> int | None:
 
 def check_factory(factory: str, dim: int, n_train: int) -> None:
     """Raise IndexConfigError when `factory` cannot be built on `n_train` keys of size `dim`."""
-    pq = re.search(r"PQ(\d+)", factory)
-    if pq and dim % int(pq.group(1)):
-        m = int(pq.group(1))
-        options = [s for s in (8, 16, 32, 48, 64, 96, 128) if dim % s == 0]
-        raise IndexConfigError(
-            f"key dimension {dim} is not divisible by the PQ sub-quantizer count {m} in '{factory}' "
-            f"(use PQ{options[-1] if options else 1} or another divisor of {dim}: {options})"
-        )
-    nlist = ivf_nlist(factory)
-    if nlist is not None and n_train < MIN_POINTS_PER_CENTROID * nlist:
-        needed = MIN_POINTS_PER_CENTROID * nlist
-        suggest = 2 ** max(0, int(np.floor(np.log2(max(1, n_train // MIN_POINTS_PER_CENTROID)))))
-        raise IndexConfigError(
-            f"'{factory}' needs at least {needed:,} training keys ({MIN_POINTS_PER_CENTROID} x nlist {nlist}) "
-            f"but only {n_train:,} are available (use IVF{suggest} or a larger datastore)"
-        )
+    try:  # parsed and checked here first: faiss aborts the process on some strings (IVF0,PQ8)
+        check_factory_dim(factory, dim)
+    except FactoryError as err:
+        raise IndexConfigError(str(err)) from err
+    if problem := training_problem(factory, n_train):
+        raise IndexConfigError(problem)
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
     except RuntimeError as err:

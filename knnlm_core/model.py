@@ -204,7 +204,12 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu") -
 
     load_model_config(name_or_path)  # a clear error before any weights are read
     source, local = resolve_source(str(name_or_path))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local)
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and hub errors have no common base
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ModelError(f"cannot load the weights of {name_or_path} ({type(err).__name__}: {first[:200]}): restore "
+                         "or re-save the model files") from err
     return wrap_model(model.to(device).eval())
 
 

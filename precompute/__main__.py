@@ -1,26 +1,29 @@
 """CLI: `python -m precompute --config PATH --run-dir DIR [overrides]` builds (or resumes) a run.
 
-Errors a user can fix are printed as one line `error: ...` with exit code 2; the run
-directory is left as it was.
+Errors a user can fix are printed as one line `error: ...` with exit code 2, found before
+torch or faiss is imported and before anything is written (`precompute.preflight`); an
+unexpected error exits 1 with one line and the path of a log holding its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from knnlm_core.config import ConfigError, load_config
+from knnlm_core.config import load_config
+from precompute.cli import Parser, float_arg, int_in, path_arg, run_cli
+
+CLI_ONLY = ("config", "run_dir", "overwrite", "run_name", "executor", "ray_address")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m precompute",
         description="Build a kNN-LM long-tail run: datastore keys, FAISS index, kNN-LM scores and "
         "per-token metrics in DIR/metrics.duckdb (SPEC §7). Rerunning resumes; finished stages are skipped.",
     )
-    parser.add_argument("--config", type=Path, required=True, help="TOML preset (see configs/)")
-    parser.add_argument("--run-dir", type=Path, required=True, help="directory of the run (created if absent)")
+    parser.add_argument("--config", type=path_arg, required=True, help="TOML preset (see configs/)")
+    parser.add_argument("--run-dir", type=path_arg, required=True, help="directory of the run (created if absent)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run built with another config (stages whose inputs did not change are reused)")
     parser.add_argument("--run-name", help="name shown in the dashboard (default: the directory name)")
@@ -31,51 +34,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "requirements-ray.txt)")
     run.add_argument("--ray-address", help="join a running Ray cluster ('auto' or host:port); default: start a "
                      "local Ray instance")
+    # Ranges are the config schema's (knnlm_core.config.RULES): a flag and a TOML value are checked alike.
     over = parser.add_argument_group("config overrides")
     over.add_argument("--model", help="hub name (e.g. gpt2-xl) or local model directory")
-    over.add_argument("--k", type=int, help="neighbours used for p_kNN")
-    over.add_argument("--nprobe", type=int, help="inverted lists visited per query")
-    over.add_argument("--temperature", type=float, help="softmax temperature τ on distances")
-    over.add_argument("--lambda", dest="lam", type=float, help="interpolation weight λ")
+    over.add_argument("--k", type=int_in(), help="neighbours used for p_kNN")
+    over.add_argument("--nprobe", type=int_in(), help="inverted lists visited per query")
+    over.add_argument("--temperature", type=float_arg, help="softmax temperature τ on distances")
+    over.add_argument("--lambda", dest="lam", type=float_arg, help="interpolation weight λ")
     over.add_argument("--distance-source", choices=["pq", "exact"], help="distances used for p_kNN")
     over.add_argument("--index-factory", help="faiss index_factory string, e.g. IVF4096,PQ64")
     over.add_argument("--eval-corpus", help="evaluation text file")
-    over.add_argument("--eval-limit-tokens", type=int, help="evaluate only the first N tokens")
-    over.add_argument("--store-neighbors", type=int, help="neighbours per position kept in DuckDB")
+    over.add_argument("--eval-limit-tokens", type=int_in(), help="evaluate only the first N tokens")
+    over.add_argument("--store-neighbors", type=int_in(), help="neighbours per position kept in DuckDB")
     over.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when a GPU is visible")
-    over.add_argument("--shard-size", type=int, help="keys / positions / queries per shard (resume unit)")
-    over.add_argument("--threads", type=int)
+    over.add_argument("--shard-size", type=int_in(), help="keys / positions / queries per shard (resume unit)")
+    over.add_argument("--threads", type=int_in())
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def flag_names(args: argparse.Namespace) -> dict[str, str]:
+    """Config field -> the CLI flag that sets it (error messages name what the user typed)."""
+    return {k: "--" + ("lambda" if k == "lam" else k.replace("_", "-")) for k in vars(args) if k not in CLI_ONLY}
+
+
+def build(argv: list[str] | None) -> int:
+    """Validate everything cheap first (no torch / faiss import), then build the run."""
     args = parse_args(argv)
     # Every other flag is a RunConfig field (dest names match; None = not given).
-    overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("config", "run_dir", "overwrite", "run_name", "executor", "ray_address")}
-    # Imported here so that --help stays fast (the pipeline imports torch and faiss).
-    from knnlm_core.corpus import CorpusError
-    from knnlm_core.index import IndexConfigError
-    from knnlm_core.keystore import KeyStoreError
-    from knnlm_core.model import ModelError
-    from precompute.executor import make_executor
-    from precompute.pipeline import RunError, build_run
+    overrides = {k: v for k, v in vars(args).items() if k not in CLI_ONLY}
+    cfg = load_config(args.config, overrides, flag_names(args))
+    from precompute.preflight import preflight
 
-    executor = None
+    preflight(cfg, args.run_dir, args.overwrite)
+    # Imported only now: the pipeline imports torch and faiss (seconds), which bad input never waits for.
+    from precompute.executor import make_executor
+    from precompute.pipeline import build_run
+
+    executor = make_executor(args.executor, args.ray_address)
     try:
-        cfg = load_config(args.config, overrides)
-        executor = make_executor(args.executor, args.ray_address)
         build_run(cfg, args.run_dir, overwrite=args.overwrite, run_name=args.run_name, executor=executor)
-    except (ConfigError, CorpusError, IndexConfigError, KeyStoreError, ModelError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume (finished stages are kept)", file=sys.stderr)
-        return 130
     finally:
-        if executor is not None:
-            executor.close()
+        executor.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: build(argv), "precompute")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from knnlm_core import store
 from knnlm_core.config import RunConfig, resolve_path
 from knnlm_core.corpus import file_sha256, read_text, tokenize_file
 from knnlm_core.index import check_factory
+from precompute.preflight import check_model_files, check_run_dir, check_run_dir_writable, recorded_config
 from precompute.runner import (
     Run,
     RunError,
@@ -44,7 +45,7 @@ from precompute.stages.tokenize import stage_tokenize
 from precompute.stages.types import stage_types
 from precompute.stages.words import stage_words
 
-__all__ = ["RunError", "build_run", "resolve_windows"]
+__all__ = ["RunError", "build_run", "check_run_dir", "resolve_windows"]
 
 
 # ---------------------------------------------------------------- validation
@@ -68,24 +69,6 @@ def model_facts(cfg: RunConfig) -> dict[str, Any]:
     n_positions = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", 1024)
     return {"model_type": mc.model_type, "dim": int(mc.hidden_size), "n_positions": int(n_positions),
             "model_vocab_size": int(mc.vocab_size)}
-
-
-def check_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
-    """Refuse a run directory that holds a run with another config unless overwrite is set."""
-    recorded = run_dir / "run_config.json"
-    if not recorded.exists():
-        if run_dir.exists() and (run_dir / "manifest.json").exists():
-            previous = json.loads((run_dir / "manifest.json").read_text()).get("config", {})
-        else:
-            return
-    else:
-        previous = json.loads(recorded.read_text())
-    current = json.loads(json.dumps(cfg.to_dict()))
-    changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-    if changed and not overwrite:
-        detail = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
-        raise RunError(f"{run_dir} holds a run with a different config ({detail}); pass --overwrite to rebuild "
-                       "it (unchanged stages are reused) or choose another --run-dir")
 
 
 def software_versions() -> dict[str, str]:
@@ -189,10 +172,10 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     return_freed_memory()
     torch.set_num_threads(cfg.threads)
     faiss.omp_set_num_threads(cfg.threads)
-    # ---- validate: nothing is written before these checks pass
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunError(f"--run-dir {run_dir} is an existing file, not a directory (choose another path)")
+    # ---- validate: nothing is written before these checks pass (precompute.preflight: no torch / faiss needed)
+    check_run_dir_writable(run_dir)
     check_run_dir(run_dir, cfg, overwrite)
+    check_model_files(cfg)  # truncated weights fail here, not after earlier outputs were replaced
     facts = model_facts(cfg)
     max_context, stride = resolve_windows(cfg, facts["n_positions"])
     device = executor.resolve_device(cfg.device) if executor is not None else resolve_device(cfg.device)
@@ -207,8 +190,11 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
         corpora[role] = {"path": rel, "sha256": file_sha256(path), "limit_tokens": limit}
     run = Run(cfg=cfg, run_dir=run_dir, run_name=run_name or run_dir.name, executor=executor)
     stages_path = run_dir / "stages.json"
-    if stages_path.exists() and (run_dir / "run_config.json").exists():
-        run.stages = json.loads(stages_path.read_text())
+    if stages_path.exists():  # stage keys hash the config, so a record under another config is simply not reused
+        try:
+            run.stages = json.loads(stages_path.read_text())
+        except ValueError:
+            run.stages = {}  # an unreadable record: every stage is checked and rebuilt as needed
     run.info.update(facts, max_context=max_context, stride=stride, device=device,
                     created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     tokenizer_name = cfg.tokenizer or cfg.model
@@ -223,10 +209,18 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     n_entries = len(fresh["datastore_ids.npy"]) - 1 if "datastore_ids.npy" in fresh else \
         len(load_npy(run.path("datastore_ids.npy"))) - 1
     check_factory(cfg.index_factory, facts["dim"], min(cfg.train_size or n_entries, n_entries))
+    if cfg.k > n_entries:  # refused, not capped: a capped k would silently be another experiment
+        raise RunError(f"k = {cfg.k:,} exceeds the datastore's {n_entries:,} entries (use --k {n_entries} or less, "
+                       "or a larger datastore)")
     fingerprint = model_fingerprint(cfg, run_dir)
     # ---- compute
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(run.path("run_config.json"), cfg.to_dict())
+    # run_config.json claims the directory for this config. Over a run of another config (--overwrite) it
+    # is written only once a stage of the new config has finished, so a command that fails at once leaves
+    # the previous run's record, and its outputs, as they were (runner.run_stage writes it).
+    run.pending_config = cfg.to_dict()
+    if recorded_config(run_dir) is None:
+        run.write_pending_config()
     run.info["model_fingerprint"] = fingerprint
     k_dtok = run_stage(run, "tokenize_datastore", ds_key, ["datastore_ids.npy"],
                        lambda _k: stage_tokenize(run, "datastore_ids.npy", fresh["datastore_ids.npy"]))
@@ -265,6 +259,7 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
                                 "schema": store.SCHEMA_VERSION, "config": cfg.to_dict()},
               [store.DB_NAME], lambda key: stage_database(run, key))
     # ---- persist
+    run.write_pending_config()
     write_manifest(run, corpora)
     print(f"run written to {run_dir}: PPL LM {run.info['ppl_lm']:.2f}, kNN-LM {run.info['ppl_knnlm']:.2f}",
           file=sys.stderr)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from knnlm_core.config import ConfigError, RunConfig, load_config, resolve_path
+from precompute.cli import Parser, UsageError, int_in, path_arg, run_cli
 
 GB = 1e9
 KMEANS_ITERS = 25  # faiss ClusteringParameters.niter (IVF and PQ training)
@@ -484,53 +485,82 @@ def report(cfg: RunConfig, f: Facts, work: list[StageWork], gpus: int, cpus: int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m precompute.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, help="TOML preset (see configs/)")
+    p = Parser(prog="python -m precompute.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=path_arg, help="TOML preset (see configs/)")
     p.add_argument("--model", help="override the config's model (a local directory or one of KNOWN_MODELS)")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs in the cluster (0: the model runs on CPU cores)")
-    p.add_argument("--cpus", type=int, default=16, help="CPU cores in the cluster, all nodes together")
-    p.add_argument("--nodes", type=int, default=0, help="nodes (default: one per 8 GPUs, at least 1)")
+    p.add_argument("--gpus", type=int_in(0, 1 << 20), default=0, help="GPUs in the cluster (0: the model runs on CPU "
+                   "cores)")
+    p.add_argument("--cpus", type=int_in(1, 1 << 24), default=16, help="CPU cores in the cluster, all nodes together")
+    p.add_argument("--nodes", type=int_in(0, 1 << 20), default=0, help="nodes (default: one per 8 GPUs, at least 1)")
     p.add_argument("--executor", choices=["ray", "local"], default="ray", help="local: one worker, no Ray start-up")
-    p.add_argument("--rates", type=Path, help="rates JSON written by --calibrate (default: built-in H100 rates)")
-    p.add_argument("--entries", type=int, default=0, help="datastore entries, when the corpus is not here")
-    p.add_argument("--eval-positions", type=int, default=0, help="evaluation positions, when the corpus is not here")
-    p.add_argument("--measured", type=Path, help="a built run directory: print its stage seconds beside the plan")
+    p.add_argument("--rates", type=path_arg, help="rates JSON written by --calibrate (default: built-in H100 rates)")
+    p.add_argument("--entries", type=int_in(0, 1 << 50), default=0, help="datastore entries, when the corpus is not "
+                   "here")
+    p.add_argument("--eval-positions", type=int_in(0, 1 << 50), default=0,
+                   help="evaluation positions, when the corpus is not here")
+    p.add_argument("--measured", type=path_arg, help="a built run directory: print its stage seconds beside the plan")
     p.add_argument("--calibrate", action="store_true", help="measure this machine's rates with a short real run")
-    p.add_argument("--calibration-config", default="configs/ci-tiny.toml")
-    p.add_argument("--out", type=Path, help="where --calibrate writes the rates JSON")
+    p.add_argument("--calibration-config", type=path_arg, default=Path("configs/ci-tiny.toml"))
+    p.add_argument("--out", type=path_arg, help="where --calibrate writes the rates JSON")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def read_rates(path: Path | None) -> Rates:
+    """Rates from a --calibrate JSON file (UsageError naming the fix if unreadable), else the built-in ones."""
+    if path is None:
+        return Rates()
     try:
-        if args.calibrate:
-            with tempfile.TemporaryDirectory() as tmp:
-                rates = calibrate(Path(tmp), args.calibration_config)
-            text = json.dumps(asdict(rates), indent=2)
-            if args.out:
-                args.out.write_text(text + "\n")
-            print(f"rates measured with {args.calibration_config} on this machine (per core; per GPU for gpu_flops, "
-                  f"not measured here):\n{text}")
-            return 0
-        if args.config is None:
-            raise ConfigError("--config is required (or --calibrate)")
-        if args.gpus < 0 or args.cpus < 1:
-            raise ConfigError("--gpus must be >= 0 and --cpus >= 1")
-        cfg = load_config(args.config, {"model": args.model})
-        rates = Rates(**json.loads(args.rates.read_text())) if args.rates else Rates()
-        nodes = args.nodes or max(1, math.ceil(args.gpus / 8))
-        facts = run_facts(cfg, args.entries, args.eval_positions)
-        measured = None
-        if args.measured:
-            stages = json.loads((args.measured / "stages.json").read_text())
-            measured = {k: v["seconds"] for k, v in stages.items()}
-        work = estimate(cfg, facts, rates, args.gpus, args.cpus, nodes, args.executor)
-        print(report(cfg, facts, work, args.gpus, args.cpus, nodes, measured))
-    except (ConfigError, OSError, ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        rates = Rates(**data)
+    except (OSError, ValueError, TypeError) as err:
+        raise UsageError(f"--rates {path} is not a rates JSON written by --calibrate ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); rerun --calibrate --out {path}") from None
+    bad = [k for k, v in asdict(rates).items() if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not math.isfinite(v) or v <= 0]
+    if bad:
+        raise UsageError(f"--rates {path}: {bad} must be positive numbers; rerun --calibrate --out {path}")
+    return rates
+
+
+def read_measured(run_dir: Path | None) -> dict[str, float] | None:
+    """Stage seconds of a built run (--measured), UsageError naming the fix if it has none."""
+    if run_dir is None:
+        return None
+    try:
+        stages = json.loads((Path(run_dir) / "stages.json").read_text(encoding="utf-8"))
+        return {k: float(v["seconds"]) for k, v in stages.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UsageError(f"--measured {run_dir} has no readable stages.json ({type(err).__name__}); give a built run "
+                         "directory") from None
+
+
+def plan(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    if args.calibrate:
+        if args.out is not None and not Path(args.out).parent.is_dir():
+            raise UsageError(f"--out {args.out}: its folder does not exist")
+        with tempfile.TemporaryDirectory() as tmp:
+            rates = calibrate(Path(tmp), args.calibration_config)
+        text = json.dumps(asdict(rates), indent=2)
+        if args.out:
+            args.out.write_text(text + "\n")
+        print(f"rates measured with {args.calibration_config} on this machine (per core; per GPU for gpu_flops, "
+              f"not measured here):\n{text}")
+        return 0
+    if args.config is None:
+        raise UsageError("--config is required (or --calibrate)")
+    cfg = load_config(args.config, {"model": args.model}, {"model": "--model"})
+    rates = read_rates(args.rates)
+    measured = read_measured(args.measured)
+    nodes = args.nodes or max(1, math.ceil(args.gpus / 8))
+    facts = run_facts(cfg, args.entries, args.eval_positions)
+    work = estimate(cfg, facts, rates, args.gpus, args.cpus, nodes, args.executor)
+    print(report(cfg, facts, work, args.gpus, args.cpus, nodes, measured))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: plan(argv), "plan")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The stage runner: run state, stage keys, atomic file I/O and per-shard resume.
 
 A stage has a key (hash of the config fields and upstream keys it depends on), recorded
-in `stages.json` when it finishes; a rerun skips a stage whose key matches and whose
-outputs exist. A heavy stage is a map over fixed-size shards plus a reduce: each shard's
+in `stages.json` with its outputs' byte sizes when it finishes; a rerun skips a stage whose
+key matches and whose outputs are complete (present, of the recorded size, whole by their
+own framing), and rebuilds it otherwise. A heavy stage is a map over fixed-size shards plus a reduce: each shard's
 output is written under a temporary name and renamed (`Shards.save`), so after a kill the
 rerun finds every finished shard complete and resumes at the first unfinished one, losing
 at most the shard that was in flight. Shards written under another stage key are removed.
@@ -16,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from knnlm_core.config import RunConfig, resolve_path
-from knnlm_core.keystore import KeyStoreError, open_keys
+from knnlm_core.keystore import SHARD_LIST, KeyStoreError, open_keys, read_shard_list
 
 FAULT_ENV = "KNNLM_FAULT_AFTER_SHARD"  # "<stage>" or "<stage>:<n>": SIGKILL self after n shards (tests)
 # "<stage>" or "<stage>:<n>": a Ray worker exits (os._exit) after saving n shards of the stage, once per run
@@ -49,6 +51,7 @@ class Run:
     info: dict[str, Any] = field(default_factory=dict)  # resolved facts: dims, windows, hashes
     executor: Any = None  # precompute.executor.LocalExecutor (None) or RayExecutor: who runs shard maps
     memo: dict[Any, Any] = field(default_factory=dict)  # per-process cache: opened index, shard folders, μ
+    pending_config: dict[str, Any] | None = None  # run_config.json to write once a stage has succeeded
     _lm: Any = None
     _tokenizer: Any = None
 
@@ -64,6 +67,12 @@ class Run:
 
     def path(self, name: str) -> Path:
         return self.run_dir / name
+
+    def write_pending_config(self) -> None:
+        """Record this run's config in run_config.json (once), claiming the directory for it."""
+        if self.pending_config is not None:
+            save_json(self.path("run_config.json"), self.pending_config)
+            self.pending_config = None
 
     @property
     def tokenizer(self):
@@ -189,20 +198,118 @@ def write_index(index, path: Path) -> None:
 # ---------------------------------------------------------------- stages and shards
 
 def run_stage(run: Run, name: str, key_parts: dict, outputs: list[str], body: Callable[[str], dict | None]) -> str:
-    """Run `body(key)` unless stages.json records `name` with the same key and its outputs exist."""
+    """Run `body(key)` unless stages.json records `name` with the same key and its outputs are complete.
+
+    Complete means: present, of the byte size recorded when the stage finished, and whole by their
+    own framing (`artifact_problem`); anything less rebuilds the stage instead of trusting it.
+    """
     key = digest(key_parts)
     done = run.stages.get(name)
-    if done and done.get("key") == key and all(run.path(o).exists() for o in outputs):
-        tqdm.write(f"[{name}] up to date, skipped")
-        run.info.update(done.get("info", {}))
-        return key
+    if done and done.get("key") == key:
+        problems = [f"{o} {p}" for o in outputs if (p := output_problem(run, o, done.get("sizes")))]
+        if not problems:
+            tqdm.write(f"[{name}] up to date, skipped")
+            run.info.update(done.get("info", {}))
+            return key
+        tqdm.write(f"[{name}] output {problems[0]}: rebuilding the stage")
     t0 = time.time()
     info = body(key) or {}
-    run.stages[name] = {"key": key, "seconds": round(time.time() - t0, 2), "outputs": outputs, "info": info}
+    run.stages[name] = {"key": key, "seconds": round(time.time() - t0, 2), "outputs": outputs, "info": info,
+                        "sizes": output_sizes(run, outputs)}
     run.info.update(info)
     save_json(run.path("stages.json"), run.stages)
+    run.write_pending_config()  # the new config's first finished stage: the directory is now this config's
     tqdm.write(f"[{name}] done in {time.time() - t0:.1f} s")
     return key
+
+
+# ---------------------------------------------------------------- artifact completeness
+
+def _with_shards(run: Run, outputs: list[str]) -> list[str]:
+    """`outputs` plus the key shard files that a `keys/shards.json` output lists."""
+    out = list(outputs)
+    for rel in outputs:
+        if rel.endswith(SHARD_LIST) and run.path(rel).is_file():
+            try:
+                out += [str(Path(rel).parent / e["file"]) for e in read_shard_list(run.path(rel).parent.parent)]
+            except KeyStoreError:
+                pass
+    return out
+
+
+def output_sizes(run: Run, outputs: list[str]) -> dict[str, int]:
+    """Byte size of every output (and listed key shard) as the stage leaves it: the completeness record."""
+    return {rel: run.path(rel).stat().st_size for rel in _with_shards(run, outputs) if run.path(rel).is_file()}
+
+
+def output_problem(run: Run, rel: str, sizes: dict[str, int] | None) -> str | None:
+    """Why output `rel` (and, for keys/shards.json, each listed shard) cannot be trusted, or None."""
+    if not run.path(rel).exists():
+        return "is missing"
+    for part in _with_shards(run, [rel]):
+        path = run.path(part)
+        if not path.is_file():
+            return f"lists {part}, which is missing"
+        if sizes and part in sizes and path.stat().st_size != sizes[part]:
+            return f"{'' if part == rel else f'({part}) '}has {path.stat().st_size:,} bytes, {sizes[part]:,} when written"
+        if problem := artifact_problem(path):
+            return f"{'' if part == rel else f'({part}) '}is {problem}"
+    return None
+
+
+def artifact_problem(path: Path) -> str | None:
+    """Why a finished file is incomplete by its own framing, or None: .npy data vs its header's shape,
+    .npz / zip central directory, .json parse, .duckdb open with its tables."""
+    try:
+        if path.suffix == ".npy":
+            return npy_problem(path)
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as z:
+                return None if z.namelist() else "an empty archive"
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".duckdb":
+            return duckdb_problem(path)
+        elif path.stat().st_size == 0:
+            return "empty"
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        return f"truncated or corrupt ({type(err).__name__})"
+    return None
+
+
+def npy_problem(path: Path) -> str | None:
+    """Whether an .npy file holds exactly the bytes its header announces (a killed write holds fewer)."""
+    with path.open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        if dtype.hasobject:
+            return None
+        expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    return None if size == expected else f"truncated ({size:,} bytes, its header describes {expected:,})"
+
+
+def duckdb_problem(path: Path) -> str | None:
+    """Whether a run database opens read-only and every table in it can be counted."""
+    import duckdb
+
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as err:
+        return f"unreadable ({str(err).splitlines()[0][:120]})"
+    try:
+        tables = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
+                                            "WHERE table_type = 'BASE TABLE'").fetchall()]
+        if "run" not in tables:
+            return "without its run table"
+        for t in tables:
+            con.execute(f'SELECT count(*) FROM "{t}"').fetchall()
+    except duckdb.Error as err:
+        return f"corrupt ({str(err).splitlines()[0][:120]})"
+    finally:
+        con.close()
+    return None
 
 
 def stage_shards(run: Run, stage: str, key: str, folder: str, suffix: str = ".npz") -> Shards:
@@ -237,7 +344,14 @@ class Shards:
         return self.folder / f"shard_{i:05d}{self.suffix}"
 
     def done(self, i: int) -> bool:
-        return self.path(i).exists()
+        """Whether shard i is finished: present and whole (a truncated one is deleted, to be redone)."""
+        path = self.path(i)
+        if not path.exists():
+            return False
+        if artifact_problem(path) is None:
+            return True
+        path.unlink(missing_ok=True)
+        return False
 
     def save(self, i: int, **arrays: np.ndarray) -> None:
         save_npz(self.path(i), **arrays)

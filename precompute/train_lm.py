@@ -8,7 +8,6 @@ fp16 Hugging Face folder (safetensors + tokenizer + model card) to `out_dir`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os

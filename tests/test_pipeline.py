@@ -169,28 +169,43 @@ def test_existing_run_with_other_config_is_refused(capsys, fresh_run, cfg_file):
     assert digests(fresh_run) == before
 
 
-def test_truncated_keys_file(capsys, fresh_run, cfg_file):
+def test_truncated_keys_file_is_rebuilt(capsys, fresh_run, cfg_file):
+    """A truncated key shard is not trusted (issue 18): the datastore stage redoes that shard, the rest
+    is reused, and the rebuilt run holds the same tables (no 'delete it and rerun' loop)."""
     keys = fresh_run / "keys" / "shard_00001.npy"
+    whole = np.load(keys)
     keys.write_bytes(keys.read_bytes()[: keys.stat().st_size // 2])
-    (fresh_run / "search.npz").unlink()
-    db = (fresh_run / "metrics.duckdb").read_bytes()
-    run_cli_expect_error(capsys, ["--config", str(cfg_file()), "--run-dir", str(fresh_run)],
-                         "shard_00001.npy is truncated or corrupt")
-    assert (fresh_run / "metrics.duckdb").read_bytes() == db
+    before = tables(fresh_run)
+    assert cli(["--config", str(cfg_file()), "--run-dir", str(fresh_run), "--run-name", "tiny"]) == 0
+    assert "rebuilding" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(keys).astype(np.float32), whole.astype(np.float32), rtol=1e-2, atol=1e-3)
+    for name, frame in tables(fresh_run).items():
+        pd.testing.assert_frame_equal(before[name], frame, check_exact=False, rtol=1e-4, atol=1e-6)
 
 
-def test_corrupt_index_file(capsys, fresh_run, cfg_file):
-    (fresh_run / "index.faiss").write_bytes(b"not an index" * 10)
-    (fresh_run / "search.npz").unlink()
-    run_cli_expect_error(capsys, ["--config", str(cfg_file()), "--run-dir", str(fresh_run)], "index file")
+@pytest.mark.parametrize("damage", ["garbage", "other dimension"])
+def test_damaged_index_file_is_rebuilt(capsys, fresh_run, cfg_file, damage):
+    """An index.faiss of another size than the one recorded when its stage finished is rebuilt, not read."""
+    if damage == "garbage":
+        (fresh_run / "index.faiss").write_bytes(b"not an index" * 10)
+    else:
+        faiss.write_index(faiss.IndexFlatL2(32), str(fresh_run / "index.faiss"))
+    assert cli(["--config", str(cfg_file()), "--run-dir", str(fresh_run)]) == 0
+    assert "[index] output index.faiss has" in capsys.readouterr().out
+    assert faiss.read_index(str(fresh_run / "index.faiss")).d == 64
 
 
-def test_index_of_other_dimension(capsys, fresh_run, cfg_file):
-    other = faiss.IndexFlatL2(32)
-    faiss.write_index(other, str(fresh_run / "index.faiss"))
-    (fresh_run / "search.npz").unlink()
-    run_cli_expect_error(capsys, ["--config", str(cfg_file()), "--run-dir", str(fresh_run)],
-                         "index.faiss in")
+def test_truncated_database_is_rebuilt(capsys, fresh_run, cfg_file):
+    """A half-truncated metrics.duckdb is rebuilt, never reported as a finished run (issue 18)."""
+    before = tables(fresh_run)
+    db = fresh_run / "metrics.duckdb"
+    db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
+    assert cli(["--config", str(cfg_file()), "--run-dir", str(fresh_run), "--run-name", "tiny"]) == 0
+    assert "[database] output metrics.duckdb" in capsys.readouterr().out
+    for name, frame in tables(fresh_run).items():
+        if name == "run":  # created_at is the rebuild's
+            continue
+        pd.testing.assert_frame_equal(before[name], frame, check_exact=False, rtol=1e-6)
 
 
 def test_unknown_config_key(capsys, tmp_path, cfg_file):
