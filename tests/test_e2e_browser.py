@@ -6,6 +6,7 @@ server (issue 18: concurrent cold start) and checks that a hostile URL shows no 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import shutil
@@ -205,7 +206,9 @@ def test_six_deep_links_at_once_on_a_fresh_server():
     if not (SHIPPED / "demo" / "metrics.duckdb").exists():
         pytest.skip("shipped runs not present")
     for base in _serve(SHIPPED):  # a server of its own: no earlier session has warmed it
-        texts = asyncio.run(_open_together(base, COLD_LINKS))
+        # A thread of its own: the module's sync Playwright page keeps an event loop running in this one.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            texts = pool.submit(asyncio.run, _open_together(base, COLD_LINKS)).result()
         failed = {path: text[:300] for path, text in texts.items()
                   if COLD_LINKS[path] not in text or "No run selected." in text or "could not be drawn" in text}
         assert not failed, failed
