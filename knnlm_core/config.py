@@ -229,7 +229,7 @@ RULES: dict[str, Rule] = {
     "exact_max_entries": Rule(lo=0, hi=BIG_INT, fix="largest datastore searched exactly under auto"),
     "valid_corpus": Rule(fix='"" = no mitigations, or a text file'),
     "valid_limit_tokens": Rule(lo=2, hi=BIG_INT, zero_ok=True, fix="0 = the whole file"),
-    "whiten": Rule(choices=("none", "entries", "zipfian", "entries,zipfian", "zipfian,entries")),
+    "whiten": Rule(nonempty=True, fix='"none", "entries", "zipfian" or "entries,zipfian"'),  # parts: below
     "whiten_eps": Rule(lo=0, hi=1, lo_open=True, fix="relative ε, e.g. 1e-6"),
     "adaptive_bins": _count(1, 1000, "e.g. 8"),
     "shard_size": _count(1, C_INT_MAX, "keys per shard, e.g. 131072"),
@@ -248,6 +248,9 @@ def cross_field_problems(cfg: RunConfig) -> list[tuple[tuple[str, ...], str]]:
         parse_factory(cfg.index_factory)
     except FactoryError as err:
         return [(("index_factory",), str(err))]
+    if not all(w in ("entries", "zipfian") for w in cfg.whiten_kinds):
+        out.append((("whiten",), f"whiten must be 'none', 'entries', 'zipfian' or 'entries,zipfian', not "
+                    f"{_show(cfg.whiten)}; fix: one of those"))
     if cfg.max_context and cfg.stride > cfg.max_context:
         out.append((("stride", "max_context"), f"stride {cfg.stride} exceeds max_context {cfg.max_context}; fix: "
                     "stride <= max_context, or 0 = max_context // 2"))
