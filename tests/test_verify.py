@@ -231,7 +231,8 @@ def test_missing_keys_in_both_layouts_is_reported(fresh_run, capsys):
 def test_exact_and_word_checks_run_on_the_intact_run(intact_checks):
     for name in ("p_knn_exact (brute force)", "exact_target_rank (brute force)", "p_knn_ivf_pq = p_knn (all positions)",
                  "exact_neighbors are the s nearest (brute force)", "recall_16 (brute force vs re-searched index)",
-                 "eval_words.nll_lm = sum of token nll_lm", "recall_1024 is NULL (k=64)"):
+                 "eval_words.nll_lm = sum of token nll_lm", "recall_1024 is NULL (k=64)",
+                 "eval_tokens.doc_id (evaluation text re-scanned)", "doc_bin_stats.sum_nll_knnlm"):
         assert intact_checks[name], name
 
 
@@ -245,6 +246,7 @@ def test_exact_and_word_checks_run_on_the_intact_run(intact_checks):
     ("UPDATE exact_neighbors SET entry = entry + 1 WHERE rank = 3", ["exact_neighbors are the s nearest (brute force)"]),
     ("UPDATE eval_words SET nll_lm = nll_lm + 0.01 WHERE word_idx % 9 = 4", ["eval_words.nll_lm = sum of token nll_lm"]),
     ("UPDATE eval_words SET freq_bin = freq_bin + 1 WHERE word_idx = 0", ["eval_words.freq_bin"]),
+    ("UPDATE eval_tokens SET doc_id = doc_id + 1 WHERE pos >= 250", ["eval_tokens.doc_id (evaluation text re-scanned)"]),
 ])
 def test_exact_and_word_corruptions_are_caught(fresh_run, intact_checks, statement, names):
     sql(fresh_run, statement)
