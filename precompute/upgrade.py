@@ -10,7 +10,6 @@ rename: a failure leaves the old database as it was).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -114,17 +113,19 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m precompute.upgrade", description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, required=True, help="run directory holding metrics.duckdb")
-    args = parser.parse_args(argv)
-    try:
+    """Exit 0 upgraded, 2 bad input (one `error:` line; the database untouched), 1 internal error (+ log)."""
+    from precompute.cli import Parser, path_arg, run_cli
+
+    def body() -> int:
+        parser = Parser(prog="python -m precompute.upgrade", description=__doc__.splitlines()[0])
+        parser.add_argument("--run-dir", type=path_arg, required=True, help="run directory holding metrics.duckdb")
+        args = parser.parse_args(argv)
         docs = upgrade(args.run_dir)
-    except (UpgradeError, store.RunSchemaError, duckdb.Error) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(f"{args.run_dir}: schema {store.SCHEMA_VERSION}, {len(docs.first_pos)} documents ({docs.mode})",
-          file=sys.stderr)
-    return 0
+        print(f"{args.run_dir}: schema {store.SCHEMA_VERSION}, {len(docs.first_pos)} documents ({docs.mode})",
+              file=sys.stderr)
+        return 0
+
+    return run_cli(body, "upgrade", extra_user_errors=(UpgradeError, duckdb.Error))
 
 
 if __name__ == "__main__":

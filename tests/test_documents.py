@@ -72,7 +72,6 @@ def test_wikitext2_test_articles(tokenizer):
     from precompute.verify import reference_doc_ids  # the verifier's independent scan agrees
 
     np.testing.assert_array_equal(reference_doc_ids(text, tokenizer, len(ids) - 1, 2048), docs.doc_id)
-    np.testing.assert_array_equal(reference_doc_ids(text, tokenizer, 19999, 2048), docs.doc_id[:19999])
 
 
 def test_text_that_does_not_match_the_run_is_refused(tokenizer):
