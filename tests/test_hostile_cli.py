@@ -101,11 +101,14 @@ def bad_values(name: str) -> list[str]:
 
 
 def field_cases(tmp: Path, base: dict) -> list[Case]:
-    """For every config field, every value it must refuse, in a TOML file (the run dir must stay absent)."""
+    """For every config field, two values it must refuse (a wrong type and its last, range or choice, value)
+    in a TOML file run as a subprocess (the run dir must stay absent); test_every_bad_value_is_one_line
+    checks every value of bad_values in process."""
     cases = []
     for name in FIELD_TYPES:
         key = "lambda" if name == "lam" else name
-        for i, value in enumerate(bad_values(name)):
+        values = bad_values(name)
+        for i, value in enumerate([values[0], values[-1]]):
             cfg = tmp / f"field-{key}-{i}.toml"
             body = {k: v for k, v in base.items() if k != key}
             write_toml(cfg, body)
@@ -302,3 +305,22 @@ def test_every_field_has_a_hostile_value():
     """The generated table covers every RunConfig field (a new field without a rule fails here)."""
     assert set(RULES) == set(FIELD_TYPES) == {f for f in RunConfig.__dataclass_fields__}
     assert all(bad_values(name) for name in FIELD_TYPES)
+
+
+def test_every_bad_value_is_one_line(tmp_path):
+    """Every value bad_values lists, for every field, is refused by load_config with one line naming the field."""
+    from knnlm_core.config import ConfigError, load_config
+
+    base = {"model": "data/models/demo-gpt2", **TINY_RUN_CONFIG}
+    n = 0
+    for name in FIELD_TYPES:
+        key = "lambda" if name == "lam" else name
+        for value in bad_values(name):
+            cfg = write_toml(tmp_path / "c.toml", {k: v for k, v in base.items() if k != key})
+            cfg.write_text(cfg.read_text() + f"{key} = {value}\n")
+            with pytest.raises(ConfigError) as err:
+                load_config(cfg)
+            message = str(err.value)
+            assert "\n" not in message and key in message, (key, value, message)
+            n += 1
+    assert n >= 3 * len(FIELD_TYPES)
