@@ -17,6 +17,17 @@ TOKENIZER_DIR = REPO / "data" / "models" / "demo-gpt2"  # the GPT-2 BPE files sh
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+PAGE_TITLES = {  # page -> its st.title (AppTest and browser tests check that a page was drawn)
+    "overview": "kNN-LM long-tail diagnostics",
+    "bins": "Frequency bins",
+    "tokens": "Token explorer",
+    "neighbors": "Neighbour inspector",
+    "exact": "Exact vs PQ search",
+    "whatif": "What-if re-scoring",
+    "mitigations": "Mitigations",
+    "compare": "Compare runs",
+}
+
 TINY_RUN_CONFIG = {
     "datastore_corpus": str(REPO / "data/corpora/wikitext2-valid.raw.gz"),
     "datastore_limit_tokens": 6000,

@@ -10,8 +10,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import TOKENIZER_DIR
+
 from knnlm_core import documents, store
 from knnlm_core.config import REPO_ROOT
 from knnlm_core.corpus import load_tokenizer, tokenize_text

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import PAGE_TITLES
 
 # Generous: a cold Streamlit server on a loaded 2-core CI machine can take tens of seconds per page.
 UI_TIMEOUT_MS = 120_000
@@ -34,16 +35,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-dev-shm-usage",
 ]
-PAGES = {
-    "overview": "kNN-LM long-tail diagnostics",
-    "bins": "Frequency bins",
-    "tokens": "Token explorer",
-    "neighbors": "Neighbour inspector",
-    "exact": "Exact vs PQ search",
-    "whatif": "What-if re-scoring",
-    "mitigations": "Mitigations",
-    "compare": "Compare runs",
-}
+PAGES = PAGE_TITLES
 
 
 def _free_port() -> int:

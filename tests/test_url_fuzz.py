@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import streamlit as st
+from conftest import PAGE_TITLES
 from hypothesis import given, settings
 from hypothesis import strategies as s
 from streamlit.testing.v1 import AppTest
@@ -139,16 +140,7 @@ def test_md_code_is_one_literal_code_span(text):
 
 # --------------------------------------------------------------------------- hostile URLs (AppTest)
 
-TITLES = {
-    "overview": "kNN-LM long-tail diagnostics",
-    "bins": "Frequency bins",
-    "tokens": "Token explorer",
-    "neighbors": "Neighbour inspector",
-    "exact": "Exact vs PQ search",
-    "whatif": "What-if re-scoring",
-    "mitigations": "Mitigations",
-    "compare": "Compare runs",
-}
+TITLES = PAGE_TITLES
 # Payload fragments that must never reach markdown outside a code span (a live link, HTML, emphasis).
 PAYLOAD = ("evil.example", "<b>", "<script", "**bold**", ":red[", "$x^2$", "<img")
 EVIL = ["[x](http://evil.example)", "<b>bold</b>", "<script>alert(1)</script>", "**bold**", ":red[alert]",
