@@ -15,8 +15,6 @@ import pandas as pd
 from knnlm_core import bootstrap as bs
 from knnlm_core.bins import bin_labels
 
-CHANGE_NOTE = "relative PPL change, e.g. −0.05 = 5% lower"
-
 
 def n_docs(cur: duckdb.DuckDBPyConnection) -> int:
     """Documents of the run's evaluation text (resampling units, SPEC §11)."""

@@ -621,7 +621,3 @@ def doc_ids(cur: duckdb.DuckDBPyConnection) -> np.ndarray:
     """(T,) int32 document of every evaluation position (SPEC §11), in position order."""
     return _df(cur, "SELECT doc_id FROM eval_tokens ORDER BY pos")["doc_id"].to_numpy(np.int32)
 
-
-def documents(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
-    """The run's evaluation documents: doc_id, first_pos, n_positions, title."""
-    return _df(cur, "SELECT * FROM documents ORDER BY doc_id")
