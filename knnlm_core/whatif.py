@@ -37,7 +37,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from knnlm_core import adaptive, knn
+from knnlm_core import adaptive, bootstrap, intervals, knn
 from knnlm_core.bins import bin_labels
 
 ROWS = 256  # positions per re-scoring block
@@ -599,9 +599,6 @@ def scenario_table(run_bins: pd.DataFrame, data: StoredNeighbours, scenarios: di
     """Per bin: the run's PPLs (from queries.bin_summary, with their intervals) and, for each scenario's
     p_kNNLM (T,), `ppl_<name>` and `change_<name>` (relative to the run's kNN-LM, paired) with SPEC §11
     intervals and the verdict `<name>_vs_run`."""
-    from knnlm_core import bootstrap as bs
-    from knnlm_core.intervals import add_verdict, per_position_intervals
-
     keep = ["freq_bin", "bin", "n_tokens", "n_docs", "ppl_lm", "ppl_lm_ci_lo", "ppl_lm_ci_hi", "ppl_knnlm",
             "ppl_knnlm_ci_lo", "ppl_knnlm_ci_hi"]
     table = run_bins[[c for c in keep if c in run_bins]].rename(
@@ -611,10 +608,10 @@ def scenario_table(run_bins: pd.DataFrame, data: StoredNeighbours, scenarios: di
                 **{f"nll_{i}": -np.log(p) for i, p in enumerate(scenarios.values())}}
     figs = []
     for i, name in enumerate(scenarios):
-        figs += [bs.ppl(f"ppl_{name}", f"nll_{i}"), bs.ppl_change(f"change_{name}", f"nll_{i}", "nll_run")]
-    ci = per_position_intervals(doc_id, data.freq_bin, n_docs, sums, figs)
+        figs += [bootstrap.ppl(f"ppl_{name}", f"nll_{i}"), bootstrap.ppl_change(f"change_{name}", f"nll_{i}", "nll_run")]
+    ci = intervals.per_position_intervals(doc_id, data.freq_bin, n_docs, sums, figs)
     for name in scenarios:
-        add_verdict(ci, f"change_{name}", f"{name}_vs_run", "lower", "higher")
+        intervals.add_verdict(ci, f"change_{name}", f"{name}_vs_run", "lower", "higher")
     return table.merge(ci.drop(columns=["n_tokens", "n_docs", "ci_note"]), on="freq_bin", how="left")
 
 
