@@ -102,7 +102,10 @@ def contamination_with_m(run_dir: Path, shift: int) -> pd.DataFrame:
     keep = (freq < 1024) & (freq + shift >= 1)
     types, freq = types[keep], freq[keep]
     mus = np.stack([keys[values == v].astype(np.float64).mean(axis=0) for v in types]).astype(np.float32)
-    d2 = ((mus.astype(np.float64)[:, None, :] - keys.astype(np.float64)[None, :, :]) ** 2).sum(-1)  # (J, N)
+    keys64, mus64 = keys.astype(np.float64), mus.astype(np.float64)
+    # (J, N) in chunks of types: the same float64 difference sums, without a (J, N, d) temporary
+    d2 = np.concatenate([((mus64[a : a + 32, None, :] - keys64[None, :, :]) ** 2).sum(-1)
+                         for a in range(0, len(mus64), 32)])
     nearest = np.argsort(d2, axis=1, kind="stable")
     cont = [np.mean(values[nearest[j, : f + shift]] != v) for j, (v, f) in enumerate(zip(types, freq))]
     return pd.DataFrame({"token_id": types.astype(np.int32), "c": np.array(cont)})
