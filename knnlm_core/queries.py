@@ -579,17 +579,23 @@ def variant_overall(cur: duckdb.DuckDBPyConnection, variant: str) -> dict:
     return _df(cur, f"SELECT {VARIANT_AGGREGATES} FROM {positions}", params).iloc[0].to_dict()
 
 
-def oracle_bin_summary(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
-    """The ORACLE per-frequency-bin λ (adaptive.oracle_by_bin, an upper bound) per bin, with the
-    columns of variant_bin_summary plus `lam`. Loads three per-position columns (freq_bin, p_lm, p_knn)."""
+def _oracle_positions(cur: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(per-bin oracle summary, per-position freq_bin / doc_id, per-position NLL sums of oracle and plain):
+    the one load and fit behind oracle_bin_summary and oracle_group_changes."""
     from knnlm_core import mitigations
 
     ev = _df(cur, "SELECT freq_bin, p_lm, p_knn, doc_id, nll_knnlm FROM eval_tokens ORDER BY pos")
     out, nll = mitigations.oracle_summary(ev["freq_bin"].to_numpy(), ev["p_lm"].to_numpy(), ev["p_knn"].to_numpy(),
                                           with_nll=True)
+    return out, ev, {"nll_v": nll, "nll_plain": ev["nll_knnlm"].to_numpy()}
+
+
+def oracle_bin_summary(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """The ORACLE per-frequency-bin λ (adaptive.oracle_by_bin, an upper bound) per bin, with the
+    columns of variant_bin_summary plus `lam`, and its change vs plain with SPEC §11 intervals."""
+    out, ev, sums = _oracle_positions(cur)
     ci = intervals.per_position_intervals(
-        ev["doc_id"].to_numpy(), ev["freq_bin"].to_numpy(), intervals.n_docs(cur),
-        {"nll_v": nll, "nll_plain": ev["nll_knnlm"].to_numpy()},
+        ev["doc_id"].to_numpy(), ev["freq_bin"].to_numpy(), intervals.n_docs(cur), sums,
         [intervals.bs.ppl("ppl", "nll_v"), intervals.bs.ppl_change("change_vs_plain", "nll_v", "nll_plain")])
     return intervals.with_intervals(out, intervals.add_verdict(ci, "change_vs_plain", "vs_plain", "helps", "hurts"))
 
@@ -597,14 +603,9 @@ def oracle_bin_summary(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
 def oracle_group_changes(cur: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """The oracle per-bin λ's PPL change vs plain pooled over the rare and the frequent bins (as
     variant_group_changes)."""
-    from knnlm_core import mitigations
-
-    ev = _df(cur, "SELECT freq_bin, p_lm, p_knn, doc_id, nll_knnlm, nll_lm FROM eval_tokens ORDER BY pos")
-    _, nll = mitigations.oracle_summary(ev["freq_bin"].to_numpy(), ev["p_lm"].to_numpy(), ev["p_knn"].to_numpy(),
-                                        with_nll=True)
+    _, ev, sums = _oracle_positions(cur)
     ci = intervals.per_position_intervals(
-        ev["doc_id"].to_numpy(), intervals.pooled_groups(ev["freq_bin"].to_numpy()), intervals.n_docs(cur),
-        {"nll_v": nll, "nll_plain": ev["nll_knnlm"].to_numpy()},
+        ev["doc_id"].to_numpy(), intervals.pooled_groups(ev["freq_bin"].to_numpy()), intervals.n_docs(cur), sums,
         [intervals.bs.ppl_change("change_vs_plain", "nll_v", "nll_plain")])
     return intervals.group_names(intervals.add_verdict(ci, "change_vs_plain", "vs_plain", "helps", "hurts"))
 
