@@ -170,3 +170,18 @@ def fit(kind: str, keys, values: np.ndarray, eps_rel: float = 1e-6, block: int =
     if kind == "entries":
         return fit_entries(keys, eps_rel, block)
     raise ValueError(f"unknown whitening {kind!r}; expected one of {KINDS}")
+
+
+class WhitenedKeys:
+    """Whitened view of an (N, d) key array-like: rows are transformed (float32) as they are read."""
+
+    def __init__(self, keys, transform: Whitening):
+        self.keys, self.transform = keys, transform
+        self.shape = keys.shape
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.transform.apply(np.asarray(self.keys[rows]).reshape(-1, self.shape[1]))

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from knnlm_core import store
+from knnlm_core import neighbours, store
 from knnlm_core.config import RunConfig, resolve_path
 from knnlm_core.corpus import file_sha256, read_text, tokenize_file
 from knnlm_core.index import check_factory
@@ -40,9 +40,11 @@ from precompute.stages.eval_lm import stage_eval_lm, stage_valid_lm
 from precompute.stages.exact import stage_exact
 from precompute.stages.index import stage_index
 from precompute.stages.mitigate import TAU_GRID, stage_mitigate
+from precompute.stages.search import outputs as search_outputs
 from precompute.stages.search import stage_search
 from precompute.stages.tokenize import stage_tokenize
 from precompute.stages.types import stage_types
+from precompute.stages.whiten import stage_whiten, whiten_outputs
 from precompute.stages.words import stage_words
 
 __all__ = ["RunError", "build_run", "check_run_dir", "resolve_windows"]
@@ -134,8 +136,8 @@ def model_fingerprint(cfg: RunConfig, run_dir: Path) -> str:
     return fp
 
 
-def mitigation_stages(run: Run, corpora: dict, k_ix: str, k_ev: str, k_se: str, model_key: dict) -> str:
-    """Validation queries (tokenized + forward pass) and the SPEC §9 mitigations; returns the mitigate key."""
+def valid_lm_stage(run: Run, corpora: dict, model_key: dict) -> str:
+    """Validation queries: the validation text tokenized and run through the model (SPEC §9)."""
     cfg = run.cfg
     va_key = {"tokenizer": cfg.tokenizer or cfg.model, "corpus": corpora["valid"], "lm_top": cfg.lm_top, **model_key}
 
@@ -147,15 +149,8 @@ def mitigation_stages(run: Run, corpora: dict, k_ix: str, k_ev: str, k_se: str, 
         run.memo.clear()
         return stage_valid_lm(run, key)
 
-    k_va = run_stage(run, "valid_lm", va_key, ["valid_ids.npy", "valid_queries.npy", "valid_lm.npz",
+    return run_stage(run, "valid_lm", va_key, ["valid_ids.npy", "valid_queries.npy", "valid_lm.npz",
                                                "valid_entropy.npy"], valid_lm)
-    return run_stage(run, "mitigate", {"up": [k_ix, k_ev, k_se, k_va], "k": cfg.k, "nprobe": cfg.nprobe,
-                                       "tau": cfg.temperature, "lambda": cfg.lam, "source": cfg.distance_source,
-                                       "whiten": list(cfg.whiten_kinds), "eps": cfg.whiten_eps,
-                                       "bins": cfg.adaptive_bins, "batch": cfg.search_batch, "shard": cfg.shard_size,
-                                       "tau_grid": TAU_GRID.tolist(),
-                                       "factory": cfg.index_factory, "train_size": cfg.train_size, "seed": cfg.seed},
-                     ["mitigations.npz", "mitigations.json"], lambda key: stage_mitigate(run, key))
 
 
 def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: str | None = None,
@@ -240,19 +235,25 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     k_ix = run_stage(run, "index", {"up": k_ds, "factory": cfg.index_factory, "train_size": cfg.train_size,
                                     "seed": cfg.seed, "shard": cfg.shard_size}, ["index.faiss", "pq.npz"],
                      lambda key: stage_index(run, key))
-    k_se = run_stage(run, "search", {"up": [k_ix, k_ev], "k": cfg.k, "nprobe": cfg.nprobe, "tau": cfg.temperature,
-                                     "source": cfg.distance_source, "store": cfg.store_neighbors_effective,
+    k_va = valid_lm_stage(run, corpora, model_key) if cfg.valid_corpus else None
+    k_wh = run_stage(run, "whiten", {"up": k_ds, "kinds": list(cfg.whiten_kinds), "eps": cfg.whiten_eps,
+                                     "factory": cfg.index_factory, "train_size": cfg.train_size, "seed": cfg.seed,
+                                     "shard": cfg.shard_size}, whiten_outputs(cfg.whiten_kinds),
+                     lambda key: stage_whiten(run, key)) if cfg.whiten_kinds else None
+    k_se = run_stage(run, "search", {"up": [k_ix, k_ev, k_va, k_wh], "k": cfg.k, "nprobe": cfg.nprobe,
+                                     "tau": cfg.temperature, "source": cfg.distance_source,
                                      "batch": cfg.search_batch, "shard": cfg.shard_size},
-                     ["search.npz"], lambda key: stage_search(run, key))
+                     search_outputs(run), lambda key: stage_search(run, key))
     k_ty = run_stage(run, "types", {"up": [k_ds, k_ix], "mode": cfg.contamination_search, "shard": cfg.shard_size,
                                     "nprobe": cfg.nprobe if cfg.contamination_search == "index" else None},
                      ["types.npz"], lambda key: stage_types(run, key))
     run.info["exact_search"] = cfg.exact_search_enabled(run.info["n_entries"])
-    k_ex = run_stage(run, "exact", {"up": [k_ix, k_ev], "k": cfg.k, "nprobe": cfg.nprobe, "tau": cfg.temperature,
-                                    "store": cfg.store_neighbors_effective, "batch": cfg.search_batch,
-                                    "shard": cfg.shard_size}, ["exact.npz"],
+    k_ex = run_stage(run, "exact", {"up": k_se, "shard": cfg.shard_size},
+                     ["exact.npz", f"{neighbours.ROOT}/eval-exact/{neighbours.LISTING}"],
                      lambda key: stage_exact(run, key)) if run.info["exact_search"] else None
-    k_mi = mitigation_stages(run, corpora, k_ix, k_ev, k_se, model_key) if cfg.valid_corpus else None
+    k_mi = run_stage(run, "mitigate", {"up": k_se, "lambda": cfg.lam, "bins": cfg.adaptive_bins,
+                                       "tau_grid": TAU_GRID.tolist()}, ["mitigations.npz", "mitigations.json"],
+                     lambda key: stage_mitigate(run, key)) if cfg.valid_corpus else None
     k_wo = run_stage(run, "words", {"up": [k_dtok, k_etok]}, ["words.npz"], lambda key: stage_words(run, key))
     up = [k_se, k_ty, k_ex, k_wo] + ([k_mi] if k_mi else [])  # runs without mitigations keep their key
     run_stage(run, "database", {"up": up, "lambda": cfg.lam, "name": run.run_name,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from knnlm_core import neighbours
 from knnlm_core.config import RunConfig, resolve_path
 from knnlm_core.keystore import SHARD_LIST, KeyStoreError, open_keys, read_shard_list
 
@@ -234,6 +235,13 @@ def _with_shards(run: Run, outputs: list[str]) -> list[str]:
                 out += [str(Path(rel).parent / e["file"]) for e in read_shard_list(run.path(rel).parent.parent)]
             except KeyStoreError:
                 pass
+        elif rel.startswith(f"{neighbours.ROOT}/") and rel.endswith(neighbours.LISTING):
+            try:  # a neighbour block: every shard file its listing names
+                n = len(json.loads(run.path(rel).read_text())["shards"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            folder = Path(rel).parent
+            out += [str(folder / neighbours.shard_file(Path(""), i, c)) for i in range(n) for c in neighbours.COLUMNS]
     return out
 
 

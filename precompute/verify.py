@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from knnlm_core import store
+from knnlm_core import neighbours, store
 from knnlm_core.keystore import open_keys
 
 HIT_KS = (1, 8, 16, 64, 256, 1024)
@@ -258,6 +258,26 @@ def check_neighbors(nb: pd.DataFrame, ref: dict, pos: np.ndarray, q: np.ndarray,
     return checks
 
 
+def check_block(name: str, block, pos: np.ndarray, ids: np.ndarray, dist: np.ndarray, q: np.ndarray, keys,
+                values: np.ndarray) -> list[Check]:
+    """A neighbour block's rows at the sampled positions against a fresh search (ids, dist) of q: the same
+    neighbours up to tie swaps, values = values[ids], exact distances recomputed from the keys."""
+    got = np.stack([block.rows("ids", int(p), int(p) + 1)[0] for p in pos])  # (S, k)
+    checks = [_equal(f"block {name}: shape (T, k)", [block.n_rows, block.k], [block.n_rows, ids.shape[1]])]
+    got_d = np.stack([block.rows("dist_pq", int(p), int(p) + 1)[0] for p in pos])
+    swapped = got != ids
+    tie = np.isclose(got_d[swapped], np.where(ids >= 0, dist, np.inf)[swapped], rtol=1e-5, atol=1e-4)
+    checks.append((f"block {name}: ids = a fresh index.search", bool(tie.all()),
+                   f"{int(swapped.sum())} tie swaps, {int((~tie).sum())} mismatches over {got.size}"))
+    vals = np.stack([block.rows("values", int(p), int(p) + 1)[0] for p in pos])
+    checks.append(_equal(f"block {name}: values = values[ids]", vals, np.where(got >= 0, values[np.maximum(got, 0)], -1)))
+    de = np.stack([block.rows("dist_exact", int(p), int(p) + 1)[0] for p in pos])
+    want = np.stack([np.where(row >= 0, np.sum((np.asarray(keys[np.maximum(row, 0)], np.float32) - qq) ** 2, axis=1),
+                              np.inf) for row, qq in zip(got, q)])
+    checks.append(_close(f"block {name}: dist_exact recomputed", de, want, 1e-3, 1e-4))
+    return checks
+
+
 def check_exact(ev: pd.DataFrame, xn: pd.DataFrame, pos: np.ndarray, q: np.ndarray, keys, values: np.ndarray,
                 ivf_ids: np.ndarray, run: pd.Series) -> list[Check]:
     """SPEC §8 columns of the sampled positions against a float64 brute force and the re-searched index."""
@@ -426,6 +446,8 @@ def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: 
         checks += check_retrieval(ev.iloc[pos], ref, q, index, k)
         nb = con.execute("SELECT * FROM neighbors WHERE pos = ANY(?) ORDER BY pos, rank", [pos.tolist()]).fetchdf()
         checks += check_neighbors(nb, ref, pos, q, keys, values, s)
+        if (block := neighbours.find_block(run_dir, "eval", "plain")) is not None:
+            checks += check_block("eval-plain", block, pos, ref["ids"], ref["dist"], q, keys, values)
 
         # ---- exact search (SPEC §8) on a smaller sample: a float64 brute force over every key
         if bool(run.get("exact_search")):
@@ -542,7 +564,7 @@ def check_mitigations(con, run_dir: Path, ev: pd.DataFrame, run: pd.Series, keys
     for col in mt.columns.drop("pos"):
         want = npz[col].astype(np.float32) if col.startswith("p_knn") else npz[col]  # p_kNN REAL, λ exact
         checks.append(_close(f"mitigation_tokens.{col} = mitigations.npz", mt[col], want, 0, 0))
-    checks.append(_close("plain index re-searched by the stage = p_knn", npz["p_knn_plain_rescored"], ev["p_knn"],
+    checks.append(_close("plain block re-scored by the mitigate stage = p_knn", npz["p_knn_plain_rescored"], ev["p_knn"],
                          1e-6, 1e-4))
     for _, v in variants.iterrows():
         p_knn = ev["p_knn"].to_numpy() if not isinstance(v["p_knn_column"], str) else mt[v["p_knn_column"]].to_numpy()
@@ -598,6 +620,9 @@ def check_mitigations(con, run_dir: Path, ev: pd.DataFrame, run: pd.Series, keys
         row["temperature"] = float(variants.loc[variants["variant"] == kind, "tau"].iloc[0])
         qw = ((q.astype(np.float64) - mean) @ matrix).astype(np.float32)
         ref_w = search_reference(index, _Whitened(keys, mean, matrix), values, qw, y, row)
+        if (block := neighbours.find_block(run_dir, "eval", kind)) is not None:
+            checks += check_block(f"eval-{kind}", block, pos, ref_w["ids"], ref_w["dist"], qw,
+                                  _Whitened(keys, mean, matrix), values)
         checks.append(_close(f"p_knn_{kind} (re-searched over index_{kind}.faiss)",
                              mt[f"p_knn_{kind}"].to_numpy()[pos], ref_w["p_knn"], 1e-6, 1e-4))
     return checks

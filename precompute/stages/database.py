@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from knnlm_core import documents, store
+from knnlm_core import documents, neighbours, store
 from knnlm_core.bins import freq_bin
 from knnlm_core.config import resolve_path
 from knnlm_core.corpus import read_text
@@ -79,12 +79,8 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
         "contamination": ty["contamination"][type_ids], "pq_error_mean": ty["pq_mean"][type_ids],
         "pq_error_max": ty["pq_max"][type_ids], "eval_count": eval_count[type_ids],
     })
-    s = se["nbr_ids"].shape[1]
-    values = np.asarray(load_npy(run.path("values.npy")))
-    nbr_ids = se["nbr_ids"]
-    neighbors = per_rank(nbr_ids >= 0, entry=nbr_ids,
-                         token_id=np.where(nbr_ids >= 0, values[np.maximum(nbr_ids, 0)], -1).astype(np.int32),
-                         distance_pq=se["dist_pq"], distance_exact=se["dist_exact"])
+    s = cfg.store_neighbors_effective
+    neighbors = first_neighbours(run, "plain", s, distance_pq="dist_pq", distance_exact="dist_exact")
     lm_top = per_rank(lm["lm_top_ids"] >= 0, token_id=lm["lm_top_ids"].astype(np.int32),
                       p_lm=lm["lm_top_p"].astype(np.float32))
     knn_top = per_rank(se["knn_top_ids"] >= 0, token_id=se["knn_top_ids"].astype(np.int32),
@@ -161,8 +157,21 @@ def add_exact_columns(run: Run, eval_tokens: pd.DataFrame) -> pd.DataFrame:
     rank = pd.array(ex["exact_target_rank"], dtype="Int32")
     rank[ex["exact_target_rank"] <= 0] = pd.NA
     eval_tokens["exact_target_rank"] = rank
-    ids = ex["exact_nbr_ids"]
-    return per_rank(ids >= 0, entry=ids, distance=ex["exact_dist"])
+    return first_neighbours(run, "exact", run.cfg.store_neighbors_effective, distance="dist_exact")
+
+
+def first_neighbours(run: Run, index_name: str, s: int, **distances: str) -> pd.DataFrame:
+    """Long table (pos, rank, entry, token_id, distances...) of the first `s` neighbours of every
+    evaluation position, read from the block (eval, index_name) in row ranges (SPEC §7)."""
+    block = neighbours.open_block(neighbours.block_dir(run.run_dir, "eval", index_name))
+    parts = []
+    for lo, hi in block.row_ranges(65536):
+        ids = block.rows("ids", lo, hi, s)
+        part = per_rank(ids >= 0, entry=ids, token_id=block.rows("values", lo, hi, s),
+                        **{out: block.rows(col, lo, hi, s) for out, col in distances.items()})
+        part["pos"] += lo
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else per_rank(np.zeros((0, s), bool), entry=np.zeros((0, s)))
 
 
 def eval_words(run: Run, nll_lm: np.ndarray, nll_knnlm: np.ndarray) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from precompute import runner
 from precompute.exact import exact_knn
 from precompute.executor import Progress, ShardJob, executor_of
 from precompute.runner import Run, Shards, load_npz, save_npy, save_npz, shard_ranges, stage_shards
-from precompute.stages.search import open_index
+from precompute.search import open_index
 
 CONTAMINATION_MAX = 1024  # SPEC §5: m_v = min(freq(v), 1024)
 TYPES_PER_SHARD = 4096
@@ -97,7 +97,7 @@ def spread_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None
 def contamination_index(run: Run, key: str):
     """The index for contamination_search = "index" (memory-mapped in a Ray worker), nprobe set."""
     def make():
-        index = open_index(run, mmap=runner.IN_WORKER)
+        index = open_index(run.path("index.faiss"), run.info["dim"], mmap=runner.IN_WORKER)
         set_nprobe(index, run.cfg.nprobe)
         return index
     return run.cached(("index", key), make)
