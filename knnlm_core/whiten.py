@@ -163,6 +163,36 @@ def fit_entries(keys, eps_rel: float = 1e-6, block: int = BLOCK) -> Whitening:
     return Whitening("entries", eps, mean, whitening_matrix(cov, eps), n, 0)
 
 
+def partial_moments(kind: str, keys, values: np.ndarray, vocab_size: int, block: int = BLOCK) -> dict[str, np.ndarray]:
+    """What one shard of keys (n, d) contributes to a fit: per-type counts and sums (zipfian), or its
+    count, mean and centred second moment (entries); `merge_partials` reduces them."""
+    if kind == "zipfian":
+        counts, sums = type_sums(keys, values, vocab_size, block)
+        return {"counts": counts, "sums": sums}
+    n, mean, cov = entry_moments(keys, block)
+    return {"n": np.array(n), "mean": mean, "m2": cov * n}
+
+
+def merge_partials(kind: str, parts: list[dict[str, np.ndarray]], eps_rel: float = 1e-6) -> Whitening:
+    """The whitening of all shards from their partial moments, in shard order (Chan et al.'s pairwise
+    update for entries, so no E[x xᵀ] − μ μᵀ cancellation)."""
+    if kind == "zipfian":
+        counts = sum(p["counts"] for p in parts)
+        mu_z, c_z = zipfian_moments(counts, sum(p["sums"] for p in parts))
+        eps = absolute_eps(c_z, eps_rel)
+        return Whitening("zipfian", eps, mu_z, whitening_matrix(c_z, eps), int(counts.sum()), int((counts > 0).sum()))
+    n, mean, m2 = 0, np.zeros_like(parts[0]["mean"]), np.zeros_like(parts[0]["m2"])
+    for p in parts:
+        nb, mb = int(p["n"]), p["mean"]
+        delta = mb - mean
+        m2 = m2 + p["m2"] + np.outer(delta, delta) * (n * nb / (n + nb))
+        mean = mean + delta * (nb / (n + nb))
+        n += nb
+    cov = m2 / n
+    eps = absolute_eps(cov, eps_rel)
+    return Whitening("entries", eps, mean, whitening_matrix(cov, eps), n, 0)
+
+
 def fit(kind: str, keys, values: np.ndarray, eps_rel: float = 1e-6, block: int = BLOCK) -> Whitening:
     """Fit the whitening named by a run's `whiten` option ("entries" | "zipfian")."""
     if kind == "zipfian":

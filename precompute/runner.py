@@ -390,9 +390,12 @@ class Shards:
 
 
 def fault_due(spec: str, stage: str, saved: int) -> bool:
-    """Whether a fault spec "<stage>[:<n>]" fires after `saved` shards of `stage`."""
-    name, _, count = spec.partition(":")
-    return bool(spec) and name == stage and saved >= int(count or 1)
+    """Whether a fault spec "<stage>[:<n>]" (or several, comma-separated) fires after `saved` shards of `stage`."""
+    for one in filter(None, spec.split(",")):
+        name, _, count = one.partition(":")
+        if name == stage and saved >= int(count or 1):
+            return True
+    return False
 
 
 def driver_fault(stage: str, saved: int) -> None:

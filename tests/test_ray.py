@@ -4,16 +4,21 @@ One Ray instance (`ray.init(num_cpus=2)`) serves the whole module. A tiny run bu
 the Ray executor must give DuckDB tables identical to the same run built locally (the
 session's `tiny_run`), also when a worker dies after its first extraction shard (it is
 restarted and its task retried); a CLI driver joined to the same instance and SIGKILLed after
-its first datastore shard resumes without redoing finished shards. The pool shape leaves a CPU
-free on every node.
+its first datastore shard resumes without redoing finished shards. With every stage (validation
+pass, whitened indexes, exact search, mitigations) and a worker killed in the exact and in the
+mitigate stage, the tables and every neighbour block equal the local build's. The pool shape leaves
+a CPU free on every node.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_RUN_CONFIG, write_toml
+from conftest import MITIGATIONS, TINY_RUN_CONFIG, write_toml
 from test_pipeline import tables
+
+from knnlm_core import neighbours
 
 ray = pytest.importorskip("ray")
 
@@ -67,6 +72,22 @@ def test_worker_killed_during_extraction_is_retried(ray_instance, tmp_path, tiny
     run_dir = build_with_ray(tmp_path / "tiny-ray-fault", tiny_model)
     assert (run_dir / "worker_fault_datastore.fired").exists(), "the worker really exited"
     assert_same_tables(tiny_run, run_dir)
+
+
+def test_every_stage_under_ray_with_killed_workers_equals_local(ray_instance, tmp_path, tiny_model, mitigated_run,
+                                                                monkeypatch):
+    # Validation pass, both whitenings, exact search and the mitigations, all mapped on Ray actors; one
+    # actor exits after its first exact shard and one after its first mitigation shard (once each).
+    monkeypatch.setenv(WORKER_FAULT_ENV, "exact:1,mitigate:1")
+    run_dir = build_with_ray(tmp_path / "tiny-ray-all", tiny_model, **MITIGATIONS)
+    for stage in ("exact", "mitigate"):
+        assert (run_dir / f"worker_fault_{stage}.fired").exists(), f"a worker really exited in {stage}"
+    assert_same_tables(mitigated_run, run_dir)
+    for folder in sorted((mitigated_run / neighbours.ROOT).iterdir()):
+        want = neighbours.open_block(folder)
+        got = neighbours.open_block(run_dir / neighbours.ROOT / folder.name)
+        for column in neighbours.COLUMNS:
+            np.testing.assert_array_equal(got.rows(column), want.rows(column), err_msg=f"{folder.name} {column}")
 
 
 def test_pool_leaves_a_cpu_free_per_node():

@@ -10,21 +10,30 @@ neighbour blocks (`knnlm_core.neighbours`), read by row range.
   distance / the LM's entropy (`knnlm_core.adaptive.fit`), with the run's own p_kNN;
 - `zipfian` / `entries` (config `whiten`): the whitened indexes of the whiten stage, τ chosen on
   validation.
-Steps are saved as they finish (`mitigate.parts/`): a resumed run redoes at most the step it was in.
+Map (`score_shard`) over the shards of each block, on the run's executor: the validation shards at
+every τ of the grid, then (τ chosen on the driver) the evaluation shards at the chosen τ. Scores are
+saved per shard (`mitigate.shards/`): a resumed run redoes at most one shard per worker.
 Outputs: `mitigations.npz` (per evaluation position) and `mitigations.json` (variants, fitted rules).
 """
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 from tqdm import tqdm
 
 from knnlm_core import adaptive, neighbours, whatif
 from knnlm_core.knn import interpolate, p_knn_of, p_knn_weighted
-from precompute.runner import Run, load_npy, load_npz, save_json, save_npz, stage_shards
+from precompute.executor import Progress, ShardJob, executor_of
+from precompute.runner import Run, concat_shards, load_npy, load_npz, save_json, save_npz, stage_shards
+from precompute.stages.search import split_inputs
 
 TAU_GRID = 2.0 ** (np.arange(-8, 57) / 4)  # 0.25 … 16,384, 4 per octave: raw GPT-2 to whitened distance scales
 ROWS = 4096  # block rows scored at a time
+SCORES = "mitigate.shards"  # per (split, index): one npz of scores per block shard
+CHOSEN = f"{SCORES}/chosen_tau.json"  # τ chosen on validation per index: what the evaluation shards are scored at
 VARIANT_LABELS = {
     "plain": "plain kNN-LM (the run)", "tau": "τ from validation", "idf": "IDF weighting",
     "adaptive-nn": "adaptive λ by nearest-neighbour distance", "adaptive-entropy": "adaptive λ by LM entropy",
@@ -37,35 +46,78 @@ def tau_grid(run_tau: float) -> np.ndarray:
     return np.unique(np.append(TAU_GRID, run_tau))
 
 
-def score(run: Run, split: str, index_name: str, targets: np.ndarray, taus: np.ndarray,
-          idf: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """p_kNN (T, G) float64 for each τ of `taus` from the block (split, index_name), the nearest
-    neighbour's distance nn_dist (T,) (the run's distance source), and with `idf` p_knn_idf (T,) at taus[0]."""
-    cfg = run.cfg
-    block = neighbours.open_block(neighbours.block_dir(run.run_dir, split, index_name))
-    column = "dist_exact" if cfg.distance_source == "exact" else "dist_pq"
-    t = len(targets)
-    out = {"p_knn": np.empty((t, len(taus))), "nn_dist": np.empty(t)}
+def score_rows(block: neighbours.Block, column: str, lo: int, hi: int, targets: np.ndarray, taus: np.ndarray,
+               idf: np.ndarray | None) -> dict[str, np.ndarray]:
+    """For block rows [lo, hi): p_kNN (n, G) float64 at each τ of `taus`, the nearest neighbour's distance
+    nn_dist (n,) and, with `idf`, the IDF-weighted p_kNN p_knn_idf (n,) at taus[0]."""
+    out = {"p_knn": np.empty((hi - lo, len(taus))), "nn_dist": np.empty(hi - lo)}
     if idf is not None:
-        out["p_knn_idf"] = np.empty(t)
-    with tqdm(total=t, desc=f"mitigate: {split}, {index_name}", unit="query", dynamic_ncols=True, leave=False) as bar:
-        for a, b in block.row_ranges(ROWS):
-            d, vals, tg = block.rows(column, a, b), block.rows("values", a, b), targets[a:b]
-            for g, tau in enumerate(taus):
-                out["p_knn"][a:b, g] = p_knn_of(d, vals, tg, float(tau))
-            out["nn_dist"][a:b] = adaptive.nn_distance(d)
-            if idf is not None:
-                out["p_knn_idf"][a:b] = p_knn_weighted(d, vals, tg, float(taus[0]), idf)
-            bar.update(b - a)
+        out["p_knn_idf"] = np.empty(hi - lo)
+    for a in range(lo, hi, ROWS):
+        b = min(a + ROWS, hi)
+        d, vals, tg = block.rows(column, a, b), block.rows("values", a, b), targets[a:b]
+        for g, tau in enumerate(taus):
+            out["p_knn"][a - lo : b - lo, g] = p_knn_of(d, vals, tg, float(tau))
+        out["nn_dist"][a - lo : b - lo] = adaptive.nn_distance(d)
+        if idf is not None:
+            out["p_knn_idf"][a - lo : b - lo] = p_knn_weighted(d, vals, tg, float(taus[0]), idf)
+    return out
+
+
+def idf_weights(run: Run) -> np.ndarray:
+    values = run.values()
+    n_types = int(max(values.max(), run.info["vocab_size"] - 1)) + 1
+    return whatif.idf(np.bincount(values, minlength=n_types), len(values))
+
+
+def taus_of(run: Run, split: str, index_name: str) -> np.ndarray:
+    """The τ values a block is scored at: on validation the grid (after the run's τ, for the plain
+    index); on evaluation the run's τ and the validation choice (plain), or the choice alone."""
+    grid = tau_grid(run.cfg.temperature)
+    if split == "valid":
+        return np.concatenate([[run.cfg.temperature], grid]) if index_name == "plain" else grid
+    chosen = json.loads(run.path(CHOSEN).read_text())[index_name]
+    return np.array([run.cfg.temperature, chosen] if index_name == "plain" else [chosen])
+
+
+def score_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None) -> int:
+    """Score shard i of one block (split, index) at its τ values; saved to the block's score folder."""
+    split, _, index_name = job.folder.rpartition("/")[2].partition("-")
+    block = run.cached(("block", split, index_name),
+                       lambda: neighbours.open_block(neighbours.block_dir(run.run_dir, split, index_name)))
+    targets = run.cached(("targets", split), lambda: split_inputs(run, split)[1])
+    lo, hi = block.shards[i]
+    shards = stage_shards(run, "mitigate", job.key, job.folder)
+    if not shards.done(i):
+        idf = run.cached(("idf",), lambda: idf_weights(run)) if index_name == "plain" else None
+        column = "dist_exact" if run.cfg.distance_source == "exact" else "dist_pq"
+        shards.save(i, **score_rows(block, column, lo, hi, targets, taus_of(run, split, index_name), idf))
+    if progress:
+        progress(hi - lo)
+    return hi - lo
+
+
+def score_blocks(run: Run, key: str, split: str, indexes: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Every shard of the blocks (split, index) scored on the run's executor; concatenated per index."""
+    out = {}
+    total = len(split_inputs(run, split)[1]) * len(indexes)
+    with tqdm(total=total, desc=f"mitigate: {split}", unit="query", dynamic_ncols=True, leave=False) as bar:
+        for name in indexes:
+            folder = f"{SCORES}/{split}-{name}"
+            ranges = neighbours.open_block(neighbours.block_dir(run.run_dir, split, name)).shards
+            shards = stage_shards(run, "mitigate", key, folder)
+            todo = list(shards.todo(len(ranges)))
+            bar.update(sum(hi - lo for j, (lo, hi) in enumerate(ranges) if j not in todo))
+            executor_of(run).map(run, ShardJob("mitigate", key, score_shard, folder=folder), todo, bar.update)
+            out[name] = concat_shards(shards, len(ranges))
     return out
 
 
 def inputs(run: Run) -> dict[str, np.ndarray]:
-    ev, va = np.asarray(load_npy(run.path("eval_ids.npy"))), np.asarray(load_npy(run.path("valid_ids.npy")))
     return {
-        "eval_y": ev[1:].astype(np.int64), "eval_p_lm": load_npz(run.path("eval_lm.npz"))["p_lm"],
+        "eval_y": split_inputs(run, "eval")[1], "eval_p_lm": load_npz(run.path("eval_lm.npz"))["p_lm"],
         "eval_entropy": np.asarray(load_npy(run.path("eval_entropy.npy")), np.float64),
-        "eval_p_knn": load_npz(run.path("search.npz"))["p_knn"], "valid_y": va[1:].astype(np.int64),
+        "eval_p_knn": load_npz(run.path("search.npz"))["p_knn"], "valid_y": split_inputs(run, "valid")[1],
         "valid_p_lm": load_npz(run.path("valid_lm.npz"))["p_lm"],
         "valid_entropy": np.asarray(load_npy(run.path("valid_entropy.npy")), np.float64),
     }
@@ -76,59 +128,36 @@ def valid_ppls(run: Run, p_lm: np.ndarray, p_knn: np.ndarray) -> np.ndarray:
     return np.array([whatif.overall_ppl(interpolate(p_lm, p_knn[:, g], run.cfg.lam)) for g in range(p_knn.shape[1])])
 
 
-def plain_step(run: Run, data: dict, taus: np.ndarray) -> dict[str, np.ndarray]:
-    """The plain index on validation (τ grid, λ features) and on evaluation (IDF, chosen τ)."""
-    cfg = run.cfg
-    values = run.values()
-    freq = np.bincount(values, minlength=int(max(values.max(), data["eval_y"].max(), data["valid_y"].max())) + 1)
-    idf = whatif.idf(freq, len(values))
-    grid = np.concatenate([[cfg.temperature], taus])
-    va = score(run, "valid", "plain", data["valid_y"], grid, idf)
-    valid_ppl = valid_ppls(run, data["valid_p_lm"], va["p_knn"])
-    tau = float(taus[int(np.argmin(valid_ppl[1:]))])  # first minimiser: ties keep the smaller τ
-    ev = score(run, "eval", "plain", data["eval_y"], np.array([cfg.temperature, tau]), idf)
-    return {"tau": np.array(tau), "valid_p_knn": va["p_knn"][:, 0], "valid_nn_dist": va["nn_dist"],
-            "valid_ppl_by_tau": valid_ppl[1:], "valid_p_knn_idf": va["p_knn_idf"],
-            "eval_p_knn_tau": ev["p_knn"][:, 1], "eval_p_knn_idf": ev["p_knn_idf"], "eval_nn_dist": ev["nn_dist"],
-            "eval_p_knn_rescored": ev["p_knn"][:, 0]}
-
-
-def whiten_step(run: Run, kind: str, data: dict, taus: np.ndarray) -> dict[str, np.ndarray]:
-    """A whitened index's τ chosen on validation, and the evaluation p_kNN at that τ."""
-    record = run.info["whiten"][kind]
-    va = score(run, "valid", kind, data["valid_y"], taus)
-    valid_ppl = valid_ppls(run, data["valid_p_lm"], va["p_knn"])
-    best = int(np.argmin(valid_ppl))
-    ev = score(run, "eval", kind, data["eval_y"], taus[best : best + 1])
-    return {"tau": np.array(float(taus[best])), "valid_ppl_by_tau": valid_ppl, "eval_p_knn": ev["p_knn"][:, 0],
-            "eps": np.array(record["eps"]), "fit_seconds": np.array(record["fit_seconds"]),
-            "build_seconds": np.array(record["build_seconds"])}
-
-
 def stage_mitigate(run: Run, key: str) -> dict:
     cfg = run.cfg
     taus = tau_grid(cfg.temperature)
     data = inputs(run)
-    parts = stage_shards(run, "mitigate", key, "mitigate.parts")
-    steps = ["plain", *cfg.whiten_kinds]
-    for i, step in enumerate(steps):
-        if not parts.done(i):
-            parts.save(i, **(plain_step(run, data, taus) if step == "plain" else whiten_step(run, step, data, taus)))
-            run.memo.clear()
-    plain = parts.load(0)
-    whitened = {step: parts.load(i) for i, step in enumerate(steps) if step != "plain"}
+    indexes = ["plain", *cfg.whiten_kinds]
+    stage_shards(run, "mitigate", key, SCORES, suffix=".json")  # one tag for the folder of every score shard
+    valid = score_blocks(run, key, "valid", indexes)
+    valid_ppl = {name: valid_ppls(run, data["valid_p_lm"], v["p_knn"]) for name, v in valid.items()}
+    valid_ppl["plain"] = valid_ppl["plain"][1:]  # the plain grid starts with the run's τ (for λ fits and IDF)
+    chosen = {name: float(taus[int(np.argmin(ppl))]) for name, ppl in valid_ppl.items()}  # ties: the smaller τ
+    save_json(run.path(CHOSEN), chosen)
+    ev = score_blocks(run, key, "eval", indexes)
+    plain = {"tau": chosen["plain"], "valid_p_knn": valid["plain"]["p_knn"][:, 0],
+             "valid_nn_dist": valid["plain"]["nn_dist"], "valid_ppl_by_tau": valid_ppl["plain"],
+             "valid_p_knn_idf": valid["plain"]["p_knn_idf"]}
+    whitened = {kind: {"tau": chosen[kind], "valid_ppl_by_tau": valid_ppl[kind], "eps": run.info["whiten"][kind]["eps"],
+                       "fit_seconds": run.info["whiten"][kind]["fit_seconds"],
+                       "build_seconds": run.info["whiten"][kind]["build_seconds"]} for kind in cfg.whiten_kinds}
     rules = {
         "adaptive-nn": adaptive.fit(plain["valid_nn_dist"], data["valid_p_lm"], plain["valid_p_knn"],
                                     "nn_distance", cfg.adaptive_bins),
         "adaptive-entropy": adaptive.fit(data["valid_entropy"], data["valid_p_lm"], plain["valid_p_knn"],
                                          "lm_entropy", cfg.adaptive_bins),
     }
-    per_pos = {"p_knn_tau": plain["eval_p_knn_tau"], "p_knn_idf": plain["eval_p_knn_idf"],
-               **{f"p_knn_{kind}": w["eval_p_knn"] for kind, w in whitened.items()},
-               "lam_nn": rules["adaptive-nn"].apply(plain["eval_nn_dist"]),
+    per_pos = {"p_knn_tau": ev["plain"]["p_knn"][:, 1], "p_knn_idf": ev["plain"]["p_knn_idf"],
+               **{f"p_knn_{kind}": ev[kind]["p_knn"][:, 0] for kind in cfg.whiten_kinds},
+               "lam_nn": rules["adaptive-nn"].apply(ev["plain"]["nn_dist"]),
                "lam_entropy": rules["adaptive-entropy"].apply(data["eval_entropy"]),
-               "nn_dist": plain["eval_nn_dist"], "lm_entropy": data["eval_entropy"],
-               "p_knn_plain_rescored": plain["eval_p_knn_rescored"]}  # verify: the block reproduces p_knn
+               "nn_dist": ev["plain"]["nn_dist"], "lm_entropy": data["eval_entropy"],
+               "p_knn_plain_rescored": ev["plain"]["p_knn"][:, 0]}  # verify: the block reproduces p_knn
     variants = describe(run, data, plain, whitened, rules, per_pos)
     save_npz(run.path("mitigations.npz"), **per_pos)
     save_json(run.path("mitigations.json"), {
@@ -137,7 +166,7 @@ def stage_mitigate(run: Run, key: str) -> dict:
         "rules": {name: {"feature": r.feature, "edges": r.edges.tolist(), "lam": r.lam.tolist(),
                          "n_valid": r.n_fit.tolist()} for name, r in rules.items()},
     })
-    parts.remove()
+    shutil.rmtree(run.path(SCORES), ignore_errors=True)
     return {"mitigation_variants": [v["variant"] for v in variants]}
 
 

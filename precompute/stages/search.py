@@ -18,11 +18,12 @@ from knnlm_core import neighbours, whiten
 from knnlm_core.index import reconstruction_error, set_nprobe
 from precompute import runner
 from precompute.executor import Progress, ShardJob, executor_of
-from precompute.runner import Run, concat_shards, load_npy, save_npz, shard_ranges, stage_shards
+from precompute.runner import Run, artifact_problem, concat_shards, load_npy, save_npz, shard_ranges, stage_shards
 from precompute.search import open_index, position_metrics, search_rows
 
 SPLITS = {"eval": ("queries.npy", "eval_ids.npy"), "valid": ("valid_queries.npy", "valid_ids.npy")}
 METRICS = "search.shards"  # per-position results of (eval, plain), one npz per shard
+NO_METRICS = "#blocks-only"  # job folder suffix: search.npz is whole, only damaged block shards are redone
 
 
 def blocks(run: Run) -> list[tuple[str, str]]:
@@ -58,20 +59,22 @@ def index_inputs(run: Run, index_name: str, mmap: bool) -> dict:
     return {"index": index, "keys": keys, "transform": transform, "values": run.values()}
 
 
-def parse_folder(folder: str) -> tuple[str, str]:
-    split, _, index_name = folder.rpartition("/")[2].partition("-")
-    return split, index_name
+def parse_folder(folder: str) -> tuple[str, str, bool]:
+    """(split, index, whether the shard also saves its per-position metrics) of a job's folder."""
+    with_metrics = not folder.endswith(NO_METRICS)
+    split, _, index_name = folder.removesuffix(NO_METRICS).rpartition("/")[2].partition("-")
+    return split, index_name, with_metrics and (split, index_name) == ("eval", "plain")
 
 
 def search_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None) -> int:
     """Search shard i of one block's queries and save the block shard (and, for (eval, plain), its metrics)."""
     cfg = run.cfg
-    split, index_name = parse_folder(job.folder)
+    split, index_name, with_metrics = parse_folder(job.folder)
     queries, targets = run.cached(("queries", split), lambda: split_inputs(run, split))
     ix = run.cached(("index", job.key, index_name), lambda: index_inputs(run, index_name, runner.IN_WORKER))
     lo, hi = shard_ranges(len(targets), cfg.shard_size)[i]
-    tag = stage_shards(run, "search", job.key, job.folder, suffix=".json")
-    metrics = stage_shards(run, "search", job.key, METRICS) if (split, index_name) == ("eval", "plain") else None
+    tag = stage_shards(run, "search", job.key, job.folder.removesuffix(NO_METRICS), suffix=".json")
+    metrics = stage_shards(run, "search", job.key, METRICS) if with_metrics else None
     if neighbours.shard_done(tag.folder, i, lo, hi, cfg.k) and (metrics is None or metrics.done(i)):
         return hi - lo  # a retried task whose first attempt had finished counts once
     block = search_rows(ix["index"], ix["keys"], ix["values"], queries, lo, hi, cfg.k, cfg.search_batch,
@@ -88,25 +91,29 @@ def search_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None
 
 def stage_search(run: Run, key: str) -> dict:
     cfg = run.cfg
+    # Rebuilding under the same key (a damaged block shard): search.npz of this key is whole and kept.
+    keep_metrics = run.stages.get("search", {}).get("key") == key and artifact_problem(run.path("search.npz")) is None
     todo_total, jobs = 0, []
     for split, index_name in blocks(run):
         folder = f"{neighbours.ROOT}/{split}-{index_name}"
         n = len(split_inputs(run, split)[1])
         ranges = shard_ranges(n, cfg.shard_size)
         tag = stage_shards(run, "search", key, folder, suffix=".json")
-        metrics = stage_shards(run, "search", key, METRICS) if (split, index_name) == ("eval", "plain") else None
+        with_metrics = (split, index_name) == ("eval", "plain") and not keep_metrics
+        metrics = stage_shards(run, "search", key, METRICS) if with_metrics else None
         todo = [j for j, (lo, hi) in enumerate(ranges) if not neighbours.shard_done(tag.folder, j, lo, hi, cfg.k)
                 or (metrics is not None and not metrics.done(j))]
         todo_total += sum(ranges[j][1] - ranges[j][0] for j in todo)
-        jobs.append((ShardJob("search", key, search_shard, folder=folder), todo, ranges, tag.folder))
+        job = ShardJob("search", key, search_shard, folder=folder + ("" if with_metrics else NO_METRICS))
+        jobs.append((job, todo, ranges, tag.folder))
     with tqdm(total=todo_total, desc="search", unit="query", dynamic_ncols=True) as bar:
         for job, todo, _, _ in jobs:
             executor_of(run).map(run, job, todo, bar.update)
     run.memo.clear()
     for _, _, ranges, folder in jobs:
         neighbours.finish(folder, ranges, cfg.k)
-    n_eval = run.info["n_eval"]
-    metrics = stage_shards(run, "search", key, METRICS)
-    save_npz(run.path("search.npz"), **concat_shards(metrics, len(shard_ranges(n_eval, cfg.shard_size))))
-    metrics.remove()
+    if not keep_metrics:
+        metrics = stage_shards(run, "search", key, METRICS)
+        save_npz(run.path("search.npz"), **concat_shards(metrics, len(shard_ranges(run.info["n_eval"], cfg.shard_size))))
+        metrics.remove()
     return {"index_searches": {f"{s}-{i}": 1 for s, i in blocks(run)}}

@@ -1,7 +1,8 @@
 """Stage: the whitened indexes of SPEC §9 (config `whiten`), built before the search.
 
 Per kind (zipfian, entries): the whitening fitted on the datastore keys (`knnlm_core.whiten`,
-streamed, float64), saved as `whiten_<kind>.npz`; an index of the run's factory trained and
+float64) as a map over key shards (partial moments, on the run's executor) reduced on the driver,
+saved as `whiten_<kind>.npz`; an index of the run's factory trained and
 filled on the whitened keys (the same keys: no second forward pass) as `index_<kind>.faiss`.
 The search stage then searches it once per query split, like the plain index. A kind whose
 files were built from the same keys and settings (`index_<kind>.json`) is reused: changing τ,
@@ -13,8 +14,11 @@ from __future__ import annotations
 import json
 import time
 
+from tqdm import tqdm
+
 from knnlm_core import whiten
-from precompute.runner import Run, digest, read_index, save_json, stage_shards, write_index
+from precompute.executor import Progress, ShardJob, executor_of
+from precompute.runner import Run, digest, read_index, save_json, shard_ranges, stage_shards, write_index
 from precompute.stages.index import build_index
 
 
@@ -40,9 +44,9 @@ def build_kind(run: Run, kind: str) -> dict:
     if all(f.exists() for f in files) and json.loads(files[2].read_text()).get("key") == built:
         read_index(files[1])  # whole and readable, else the error names it
         return json.loads(files[2].read_text())
-    keys, values = run.keys(), run.values()
+    keys = run.keys()
     t0 = time.time()
-    transform = whiten.fit(kind, keys, values, cfg.whiten_eps)
+    transform = fit_on_shards(run, kind, built)
     fit_s = time.time() - t0
     transform.save(files[0])
     shards = stage_shards(run, "whiten", f"{built}-{kind}", f"index_{kind}.shards")
@@ -55,6 +59,34 @@ def build_kind(run: Run, kind: str) -> dict:
               "build_seconds": round(time.time() - t0, 2)}
     save_json(files[2], record)
     return record
+
+
+def fit_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None) -> int:
+    """Shard i's partial moments of the whitening named in the job's folder (whiten_<kind>.fit)."""
+    kind = job.folder.removeprefix("whiten_").removesuffix(".fit")
+    keys = run.cached(("keys",), run.keys)
+    values = run.cached(("values",), run.values)
+    lo, hi = shard_ranges(len(values), run.cfg.shard_size)[i]
+    shards = stage_shards(run, "whiten", job.key, job.folder)
+    if not shards.done(i):
+        shards.save(i, **whiten.partial_moments(kind, keys[lo:hi], values[lo:hi], run.info["vocab_size"]))
+    if progress:
+        progress(hi - lo)
+    return hi - lo
+
+
+def fit_on_shards(run: Run, kind: str, built: str) -> whiten.Whitening:
+    """The whitening fitted as a map over key shards (partial moments) and a reduce on the driver."""
+    folder = f"whiten_{kind}.fit"
+    shards = stage_shards(run, "whiten", built, folder)
+    n = run.info["n_entries"]
+    ranges = shard_ranges(n, run.cfg.shard_size)
+    with tqdm(total=n, desc=f"whiten: fit {kind}", unit="key", dynamic_ncols=True) as bar:
+        executor_of(run).map(run, ShardJob("whiten", built, fit_shard, folder=folder), shards.todo(len(ranges)),
+                             bar.update)
+    transform = whiten.merge_partials(kind, [shards.load(i) for i in range(len(ranges))], run.cfg.whiten_eps)
+    shards.remove()
+    return transform
 
 
 def stage_whiten(run: Run, key: str) -> dict:

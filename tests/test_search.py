@@ -1,8 +1,9 @@
-"""Tests of precompute/stages/search.py's helpers against numpy references.
+"""Tests of precompute/search.py (every search of the pipeline) against numpy references.
 
 `neighbour_sq_dists` against a direct float64 sum, `top_tokens` (torch) against
-`knnlm_core.knn.top_tokens_from_weights` and a hand case, `search_range` (overlapped
-batches) against `search_batch` on all queries at once.
+`knnlm_core.knn.top_tokens_from_weights` and a hand case, `search_rows` (overlapped batches)
+against one `index.search` of all queries plus numpy distances, `exact_rows` against a float64
+brute force, `position_metrics` against the knn functions.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import faiss
 import numpy as np
 import pytest
 
-from knnlm_core.config import RunConfig
 from knnlm_core.keystore import ShardedKeys
-from knnlm_core.knn import softmax_weights, top_tokens_from_weights
-from precompute.stages.search import neighbour_sq_dists, search_batch, search_range, top_tokens
+from knnlm_core.knn import p_knn_of, softmax_weights, target_stats, top_tokens_from_weights
+from knnlm_core.whiten import fit as fit_whitening
+from precompute.search import exact_rows, neighbour_sq_dists, position_metrics, search_rows, top_tokens
 
 D = 16
 
@@ -63,14 +64,65 @@ def test_top_tokens_equal_numpy_reference():
     assert (got_ids == want_ids).all()
 
 
-def test_search_range_overlapped_equals_one_batch(data):
+def direct_block(index, keys, values, q, k):
+    """The block arrays of queries q from one index.search and numpy distances (missing: -1 / inf)."""
+    dist, ids = index.search(q, k)
+    miss = ids < 0
+    exact = ((q[:, None, :].astype(np.float64) - np.asarray(keys[np.maximum(ids, 0)], np.float64)) ** 2).sum(-1)
+    return {"ids": ids, "values": np.where(miss, -1, values[np.maximum(ids, 0)]),
+            "dist_pq": np.where(miss, np.inf, dist), "dist_exact": np.where(miss, np.inf, exact)}
+
+
+def test_search_rows_equal_one_direct_search(data):
+    keys, values, queries, _, index = data
+    faiss.extract_index_ivf(index).nprobe = 1  # one list of ~375 keys: rows find fewer than k, missing neighbours
+    got = search_rows(index, keys, values, queries, 10, 250, 450, 32)
+    want = direct_block(index, keys, values, queries[10:250].astype(np.float32), 450)
+    assert (want["ids"] < 0).any()
+    for name in ("ids", "values", "dist_pq"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_allclose(got["dist_exact"], want["dist_exact"], rtol=1e-5)
+    assert got["ids"].dtype == np.int64 and got["values"].dtype == np.int32
+
+
+def test_search_rows_of_a_whitened_index(data):
+    keys, values, queries, _, _ = data
+    w = fit_whitening("entries", keys, values, 1e-6)
+    wk = w.apply(keys)
+    index = faiss.index_factory(24, "Flat")
+    index.add(wk)
+
+    class View:  # the keys as the whitened index sees them
+        shape = keys.shape
+
+        def __getitem__(self, rows):
+            return w.apply(np.asarray(keys[rows]))
+
+    got = search_rows(index, View(), values, queries, 0, 50, 16, 20, transform=w)
+    want = direct_block(index, wk, values, w.apply(queries[:50]), 16)
+    np.testing.assert_array_equal(got["ids"], want["ids"])
+    np.testing.assert_allclose(got["dist_exact"], want["dist_exact"], rtol=1e-4, atol=1e-4)
+
+
+def test_exact_rows_equal_a_float64_brute_force(data):
+    keys, values, queries, _, _ = data
+    got = exact_rows(keys, values, queries, 0, 40, 32, "cpu", query_block=16)
+    d = ((queries[:40, None, :].astype(np.float64) - keys[None, :, :].astype(np.float64)) ** 2).sum(-1)
+    want = np.sort(d, axis=1)[:, :32]
+    np.testing.assert_allclose(got["dist_exact"], want, rtol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(d, got["ids"], 1), want, rtol=1e-5)  # the right entries
+    assert np.isnan(got["dist_pq"]).all() and (got["values"] == values[got["ids"]]).all()
+
+
+def test_position_metrics_equal_the_knn_functions(data):
     keys, values, queries, targets, index = data
-    cfg = RunConfig(k=32, store_neighbors=8, search_batch=64, temperature=5.0)
-    got = search_range(index, keys, values, queries, targets, cfg, 0, len(queries))
-    want = search_batch(index, keys, values, queries.astype(np.float32), targets, cfg)
-    assert got.keys() == want.keys()
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, err_msg=name)
+    block = search_rows(index, keys, values, queries, 0, 100, 32, 100)
+    for source, col in (("pq", "dist_pq"), ("exact", "dist_exact")):
+        got = position_metrics(block, targets[:100], 5.0, source)
+        np.testing.assert_allclose(got["p_knn"], p_knn_of(block[col], block["values"], targets[:100], 5.0),
+                                   rtol=1e-12)
+        rank, n_target = target_stats(block["values"], targets[:100])
+        assert (got["target_rank"] == rank).all() and (got["n_target"] == n_target).all()
 
 
 def test_neighbour_sq_dists_vs_brute_force(tmp_path):
