@@ -1,10 +1,10 @@
 """Benchmark: query rate of the precompute pipeline's search stage vs one raw faiss search.
 
-* pipeline -- the search stage itself: `precompute.stages.search.search_range` on every batch of
-  `search_batch` queries (fp16 -> fp32 queries, faiss search + padding mask, values gather,
-  exact distances of the stored neighbours (all k with distance_source "exact"), p_kNN,
-  target rank / count, stored-neighbour slices, kNN top-10 and query PQ error), exactly the
-  code `stage_search` runs; only its final `save_npz` is not timed.
+* pipeline -- the search stage's own per-shard work: `precompute.search.search_rows` on every
+  batch of `search_batch` queries (fp16 -> fp32 queries, faiss search, values gather, exact
+  distances of all k neighbours: the neighbour block) and `position_metrics` + query PQ error
+  on the result (p_kNN, target rank / count, kNN top-10), exactly the code `search_shard`
+  runs; only its saves are not timed.
 * baseline -- ONE `index.search(queries, k)` call over all queries (float32, same k, same
   nprobe): the floor that any search stage pays.
 
@@ -44,7 +44,7 @@ from knnlm_core.config import RunConfig, resolve_path  # noqa: E402
 from knnlm_core.index import add_keys, check_factory, reconstruction_error, sample_rows, search, set_nprobe  # noqa: E402
 from knnlm_core.keystore import open_keys  # noqa: E402
 from knnlm_core.knn import p_knn_from_weights, softmax_weights, target_stats  # noqa: E402
-from precompute.stages.search import KNN_TOP, neighbour_sq_dists, search_range, top_tokens  # noqa: E402
+from precompute.search import KNN_TOP, neighbour_sq_dists, position_metrics, search_rows, top_tokens  # noqa: E402
 
 DEFAULTS = RunConfig()
 
@@ -154,9 +154,10 @@ def from_run(run_dir: Path, n_queries: int):
 
 
 def pipeline_search(index, keys, values, queries, targets, k, s, tau, batch, source) -> dict[str, np.ndarray]:
-    """The search stage's own per-shard work (precompute.stages.search.search_range) over all queries."""
-    cfg = RunConfig(k=k, store_neighbors=s, temperature=tau, search_batch=batch, distance_source=source)
-    return search_range(index, keys, values, queries, targets, cfg, 0, len(targets))
+    """The search stage's own per-shard work (precompute.stages.search.search_shard) over all queries."""
+    block = search_rows(index, keys, values, queries, 0, len(targets), k, batch)
+    return {**block, **position_metrics(block, targets, tau, source),
+            "query_pq_error": reconstruction_error(index, np.asarray(queries, dtype=np.float32))}
 
 
 def breakdown(index, keys, values, queries, targets, k, s, tau, batch, source) -> dict[str, float]:
@@ -181,7 +182,7 @@ def breakdown(index, keys, values, queries, targets, k, s, tau, batch, source) -
         q = timed("fp16->fp32 queries", np.asarray, queries[sl], np.float32)
         dists, ids = timed("search (faiss + mask)", search, index, q, k)
         nbr_values = timed("values gather", gather, ids)
-        exact = timed("neighbour_sq_dists", neighbour_sq_dists, q, keys, ids if source == "exact" else ids[:, :s])
+        exact = timed("neighbour_sq_dists (all k)", neighbour_sq_dists, q, keys, ids)
         used = exact if source == "exact" else dists
         timed("target_stats", target_stats, nbr_values, targets[sl])
         weights, _ = timed("softmax_weights", softmax_weights, used, tau, nbr_values)

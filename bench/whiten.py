@@ -3,7 +3,7 @@
 For the same keys (a built run's first `--n` entries and their values, or synthetic ones):
 * plain -- the index stage's `build_index` on the raw keys (train, encode every shard, add codes);
 * zipfian / entries -- the streamed float64 fit of the whitening (`knnlm_core.whiten.fit`), then
-  `build_index` on the whitened keys (`precompute.stages.mitigate.WhitenedKeys`, transformed as
+  `build_index` on the whitened keys (`knnlm_core.whiten.WhitenedKeys`, transformed as
   they are read: no second forward pass, no copy of the keys on disk).
 Prints seconds and each variant's ratios: fit / plain build and (fit + build) / plain build,
 i.e. the extra build time one whitened variant costs a run.
@@ -34,7 +34,7 @@ from knnlm_core import whiten  # noqa: E402
 from knnlm_core.keystore import open_keys  # noqa: E402
 from precompute.runner import Shards  # noqa: E402
 from precompute.stages.index import build_index  # noqa: E402
-from precompute.stages.mitigate import WhitenedKeys  # noqa: E402
+from knnlm_core.whiten import WhitenedKeys  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -23,6 +23,7 @@ from knnlm_core.knn import PAD, p_knn_from_weights, softmax_weights, target_stat
 from precompute.runner import RunError, read_index
 
 KNN_TOP = 10  # kNN top predictions stored per position
+CHUNK_BYTES = 2 << 20  # gathered neighbour keys per step of neighbour_sq_dists (measured best at 1.5-3 MB)
 
 
 def open_index(path, dim: int, mmap: bool = False):
@@ -34,13 +35,14 @@ def open_index(path, dim: int, mmap: bool = False):
     return index
 
 
-def neighbour_sq_dists(q: np.ndarray, keys, ids: np.ndarray, chunk: int = 256) -> np.ndarray:
+def neighbour_sq_dists(q: np.ndarray, keys, ids: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """Exact ||q - k_j||² (Q, m) float32 of each query and its neighbours' stored keys; inf where id < 0.
 
     Each distinct key row is read and converted once; the difference is summed directly
     (no ||q||² + ||k||² - 2 q·k cancellation), `chunk` queries at a time, in place on one
     gathered (chunk, m, d) buffer (index_select + in-place ops: ~6x faster than indexing
-    with a 2-D index and allocating the difference, same bits).
+    with a 2-D index and allocating the difference, same bits). The default chunk keeps the
+    buffer near CHUNK_BYTES, in cache: 2.5-4x faster than 256 queries at k = 1024, same bits.
     """
     if ids.size == 0:
         return np.zeros(ids.shape, dtype=np.float32)
@@ -50,6 +52,7 @@ def neighbour_sq_dists(q: np.ndarray, keys, ids: np.ndarray, chunk: int = 256) -
     inv = torch.from_numpy(inverse.reshape(-1))
     qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
     m = ids.shape[1]
+    chunk = chunk or max(1, CHUNK_BYTES // (m * qt.shape[1] * 4))
     out = torch.empty(ids.shape, dtype=torch.float32)
     for a in range(0, len(q), chunk):
         b = min(a + chunk, len(q))
