@@ -98,6 +98,9 @@ def write_manifest(run: Run, corpora: dict) -> None:
         "store_neighbors": cfg.store_neighbors_effective, "contamination_search": info.get("contamination_mode"),
         "ppl_lm": info["ppl_lm"], "ppl_knnlm": info["ppl_knnlm"], "software": software_versions(),
         "stage_seconds": {name: s["seconds"] for name, s in run.stages.items()},
+        "neighbour_blocks": {f.name: {"n_rows": b.n_rows, "k": b.k, "shards": len(b.shards)}
+                             for f in sorted(run.path(neighbours.ROOT).glob("*-*"))
+                             if (b := neighbours.find_block(run.run_dir, *f.name.split("-", 1)))},
         "config": cfg.to_dict(),
     }
     if cfg.valid_corpus:  # SPEC §9: every variant with its chosen τ, ε and PPLs, and the fitted λ rules
