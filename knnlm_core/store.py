@@ -18,6 +18,7 @@ import pandas as pd
 SCHEMA_VERSION = 3  # 3: documents (SPEC §11): eval_tokens.doc_id, documents, doc_bin_stats, run.doc_mode
 DB_NAME = "metrics.duckdb"
 HIT_KS = (1, 8, 16, 64, 256, 1024)
+RECALL_KS = (16, 64, 1024)  # SPEC §8: recall@k for those <= the run's k
 
 SCHEMA_SQL = f"""
 CREATE TABLE run (

@@ -87,3 +87,15 @@ def word_nll(first_pos: np.ndarray, n_tokens: np.ndarray, token_nll: np.ndarray)
     bounds[0::2], bounds[1::2] = first_pos, first_pos + n_tokens
     padded = np.r_[np.asarray(token_nll, dtype=np.float64), 0.0]  # a word may end at the last position
     return np.add.reduceat(padded, bounds)[0::2]
+
+
+def pack_strings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(utf-8 bytes (B,) uint8, end offsets (W,) int64): strings in an .npz without pickling."""
+    encoded = [t.encode() for t in texts]
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum([len(b) for b in encoded], dtype=np.int64)
+
+
+def unpack_strings(data: np.ndarray, ends: np.ndarray) -> list[str]:
+    raw = data.tobytes()
+    starts = np.r_[0, ends[:-1]]
+    return [raw[a:b].decode() for a, b in zip(starts, ends, strict=True)]

@@ -37,6 +37,9 @@ WORKER_FAULT_ENV = "KNNLM_FAULT_WORKER_EXIT"
 IN_WORKER = False  # set by a Ray worker process: faults then follow WORKER_FAULT_ENV, not FAULT_ENV
 
 
+SPLIT_FILES = {"eval": ("queries.npy", "eval_ids.npy"), "valid": ("valid_queries.npy", "valid_ids.npy")}
+
+
 class RunError(RuntimeError):
     """A problem with the run directory or its files; the message names the fix."""
 
@@ -101,6 +104,12 @@ class Run:
 
     def values(self) -> np.ndarray:
         return np.asarray(load_npy(self.path("values.npy"), (self.info["n_entries"],), np.int32))
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(queries (T, d) float16 memmap, targets (T,) int64) of the query split "eval" or "valid"."""
+        q_file, ids_file = SPLIT_FILES[name]
+        targets = np.asarray(load_npy(self.path(ids_file)))[1:].astype(np.int64)
+        return load_npy(self.path(q_file), (len(targets), self.info["dim"]), np.float16), targets
 
 
 def model_source(name: str) -> str | Path:

@@ -10,14 +10,12 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from knnlm_core import documents, neighbours, store
+from knnlm_core import documents, neighbours, store, words
 from knnlm_core.bins import freq_bin
 from knnlm_core.config import resolve_path
 from knnlm_core.corpus import read_text
 from knnlm_core.knn import interpolate
 from precompute.runner import Run, RunError, load_npy, load_npz
-from precompute.stages.exact import RECALL_KS
-from precompute.stages.words import unpack_strings
 
 
 def decode_tokens(tokenizer, ids: np.ndarray) -> dict[int, str]:
@@ -147,12 +145,12 @@ def add_exact_columns(run: Run, eval_tokens: pd.DataFrame) -> pd.DataFrame:
     """SPEC §8 columns of eval_tokens (NULL when the run has no exact search) and the exact neighbours."""
     t = len(eval_tokens)
     if not run.info.get("exact_search"):
-        for name in [f"recall_{k}" for k in RECALL_KS] + ["p_knn_ivf_pq", "p_knn_ivf_exact", "p_knn_exact"]:
+        for name in [f"recall_{k}" for k in store.RECALL_KS] + ["p_knn_ivf_pq", "p_knn_ivf_exact", "p_knn_exact"]:
             eval_tokens[name] = np.full(t, np.nan)
         eval_tokens["exact_target_rank"] = pd.array([pd.NA] * t, dtype="Int32")
         return pd.DataFrame({"pos": [], "rank": [], "entry": [], "distance": []})
     ex = load_npz(run.path("exact.npz"))
-    for name in [f"recall_{k}" for k in RECALL_KS] + ["p_knn_ivf_pq", "p_knn_ivf_exact", "p_knn_exact"]:
+    for name in [f"recall_{k}" for k in store.RECALL_KS] + ["p_knn_ivf_pq", "p_knn_ivf_exact", "p_knn_exact"]:
         eval_tokens[name] = ex[name]
     rank = pd.array(ex["exact_target_rank"], dtype="Int32")
     rank[ex["exact_target_rank"] <= 0] = pd.NA
@@ -176,15 +174,13 @@ def first_neighbours(run: Run, index_name: str, s: int, **distances: str) -> pd.
 
 def eval_words(run: Run, nll_lm: np.ndarray, nll_knnlm: np.ndarray) -> pd.DataFrame:
     """SPEC §10: one row per complete word of the evaluation text, NLLs summed over its tokens."""
-    from knnlm_core.words import word_nll
-
     w = load_npz(run.path("words.npz"))
     first, n = w["first_pos"], w["n_tokens"]
     return pd.DataFrame({
-        "word_idx": np.arange(len(first), dtype=np.int32), "word": unpack_strings(w["text_utf8"], w["text_ends"]),
+        "word_idx": np.arange(len(first), dtype=np.int32), "word": words.unpack_strings(w["text_utf8"], w["text_ends"]),
         "first_pos": first.astype(np.int32), "n_tokens": n.astype(np.int16), "freq": w["freq"],
-        "freq_bin": freq_bin(w["freq"]), "nll_lm": word_nll(first, n, nll_lm),
-        "nll_knnlm": word_nll(first, n, nll_knnlm),
+        "freq_bin": freq_bin(w["freq"]), "nll_lm": words.word_nll(first, n, nll_lm),
+        "nll_knnlm": words.word_nll(first, n, nll_knnlm),
     })
 
 

@@ -15,14 +15,13 @@ import numpy as np
 from tqdm import tqdm
 
 from knnlm_core import neighbours
+from knnlm_core.store import RECALL_KS
 from knnlm_core.knn import p_knn_from_weights, recall_at, softmax_weights, target_stats
 from knnlm_core.metrics import EXACT_BLOCK_BYTES
 from precompute.executor import Progress, ShardJob, executor_of
 from precompute.runner import Run, concat_shards, save_npz, shard_ranges, stage_shards
 from precompute.search import exact_rows
-from precompute.stages.search import split_inputs
 
-RECALL_KS = (16, 64, 1024)  # SPEC §8: recall@k for those <= the run's k
 BLOCK = f"{neighbours.ROOT}/eval-exact"
 COMPARE = "exact.shards"
 
@@ -63,7 +62,7 @@ def resident_keys(keys):
 def exact_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None) -> int:
     """Exact top-k of shard i's queries (block shard) and their comparison with the index's (npz)."""
     cfg = run.cfg
-    queries, targets = run.cached(("queries", "eval"), lambda: split_inputs(run, "eval"))
+    queries, targets = run.cached(("queries", "eval"), lambda: run.split("eval"))
     lo, hi = shard_ranges(len(targets), cfg.shard_size)[i]
     tag = stage_shards(run, "exact", job.key, BLOCK, suffix=".json")
     shards = stage_shards(run, "exact", job.key, COMPARE)

@@ -28,7 +28,6 @@ from knnlm_core import adaptive, neighbours, whatif
 from knnlm_core.knn import interpolate, p_knn_of, p_knn_weighted
 from precompute.executor import Progress, ShardJob, executor_of
 from precompute.runner import Run, concat_shards, load_npy, load_npz, save_json, save_npz, stage_shards
-from precompute.stages.search import split_inputs
 
 TAU_GRID = 2.0 ** (np.arange(-8, 57) / 4)  # 0.25 … 16,384, 4 per octave: raw GPT-2 to whitened distance scales
 ROWS = 4096  # block rows scored at a time
@@ -85,7 +84,7 @@ def score_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None)
     split, _, index_name = job.folder.rpartition("/")[2].partition("-")
     block = run.cached(("block", split, index_name),
                        lambda: neighbours.open_block(neighbours.block_dir(run.run_dir, split, index_name)))
-    targets = run.cached(("targets", split), lambda: split_inputs(run, split)[1])
+    targets = run.cached(("targets", split), lambda: run.split(split)[1])
     lo, hi = block.shards[i]
     shards = stage_shards(run, "mitigate", job.key, job.folder)
     if not shards.done(i):
@@ -100,7 +99,7 @@ def score_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None)
 def score_blocks(run: Run, key: str, split: str, indexes: list[str]) -> dict[str, dict[str, np.ndarray]]:
     """Every shard of the blocks (split, index) scored on the run's executor; concatenated per index."""
     out = {}
-    total = len(split_inputs(run, split)[1]) * len(indexes)
+    total = len(run.split(split)[1]) * len(indexes)
     with tqdm(total=total, desc=f"mitigate: {split}", unit="query", dynamic_ncols=True, leave=False) as bar:
         for name in indexes:
             folder = f"{SCORES}/{split}-{name}"
@@ -115,9 +114,9 @@ def score_blocks(run: Run, key: str, split: str, indexes: list[str]) -> dict[str
 
 def inputs(run: Run) -> dict[str, np.ndarray]:
     return {
-        "eval_y": split_inputs(run, "eval")[1], "eval_p_lm": load_npz(run.path("eval_lm.npz"))["p_lm"],
+        "eval_y": run.split("eval")[1], "eval_p_lm": load_npz(run.path("eval_lm.npz"))["p_lm"],
         "eval_entropy": np.asarray(load_npy(run.path("eval_entropy.npy")), np.float64),
-        "eval_p_knn": load_npz(run.path("search.npz"))["p_knn"], "valid_y": split_inputs(run, "valid")[1],
+        "eval_p_knn": load_npz(run.path("search.npz"))["p_knn"], "valid_y": run.split("valid")[1],
         "valid_p_lm": load_npz(run.path("valid_lm.npz"))["p_lm"],
         "valid_entropy": np.asarray(load_npy(run.path("valid_entropy.npy")), np.float64),
     }

@@ -18,10 +18,9 @@ from knnlm_core import neighbours, whiten
 from knnlm_core.index import reconstruction_error, set_nprobe
 from precompute import runner
 from precompute.executor import Progress, ShardJob, executor_of
-from precompute.runner import Run, artifact_problem, concat_shards, load_npy, save_npz, shard_ranges, stage_shards
+from precompute.runner import Run, artifact_problem, concat_shards, save_npz, shard_ranges, stage_shards
 from precompute.search import open_index, position_metrics, search_rows
 
-SPLITS = {"eval": ("queries.npy", "eval_ids.npy"), "valid": ("valid_queries.npy", "valid_ids.npy")}
 METRICS = "search.shards"  # per-position results of (eval, plain), one npz per shard
 NO_METRICS = "#blocks-only"  # job folder suffix: search.npz is whole, only damaged block shards are redone
 
@@ -36,13 +35,6 @@ def blocks(run: Run) -> list[tuple[str, str]]:
 
 def outputs(run: Run) -> list[str]:
     return ["search.npz"] + [f"{neighbours.ROOT}/{s}-{i}/{neighbours.LISTING}" for s, i in blocks(run)]
-
-
-def split_inputs(run: Run, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(queries (T, d) float16 memmap, targets (T,) int64) of a split."""
-    q_file, ids_file = SPLITS[split]
-    targets = np.asarray(load_npy(run.path(ids_file)))[1:].astype(np.int64)
-    return load_npy(run.path(q_file), (len(targets), run.info["dim"]), np.float16), targets
 
 
 def index_inputs(run: Run, index_name: str, mmap: bool) -> dict:
@@ -70,7 +62,7 @@ def search_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None
     """Search shard i of one block's queries and save the block shard (and, for (eval, plain), its metrics)."""
     cfg = run.cfg
     split, index_name, with_metrics = parse_folder(job.folder)
-    queries, targets = run.cached(("queries", split), lambda: split_inputs(run, split))
+    queries, targets = run.cached(("queries", split), lambda: run.split(split))
     ix = run.cached(("index", job.key, index_name), lambda: index_inputs(run, index_name, runner.IN_WORKER))
     lo, hi = shard_ranges(len(targets), cfg.shard_size)[i]
     tag = stage_shards(run, "search", job.key, job.folder.removesuffix(NO_METRICS), suffix=".json")
@@ -96,7 +88,7 @@ def stage_search(run: Run, key: str) -> dict:
     todo_total, jobs = 0, []
     for split, index_name in blocks(run):
         folder = f"{neighbours.ROOT}/{split}-{index_name}"
-        n = len(split_inputs(run, split)[1])
+        n = len(run.split(split)[1])
         ranges = shard_ranges(n, cfg.shard_size)
         tag = stage_shards(run, "search", key, folder, suffix=".json")
         with_metrics = (split, index_name) == ("eval", "plain") and not keep_metrics

@@ -13,20 +13,8 @@ import numpy as np
 
 from knnlm_core.config import resolve_path
 from knnlm_core.corpus import read_text, tokenize_with_offsets
-from knnlm_core.words import complete_words, word_counts
+from knnlm_core.words import complete_words, pack_strings, word_counts
 from precompute.runner import Run, RunError, load_npy, save_npz
-
-
-def pack_strings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(utf-8 bytes (B,) uint8, end offsets (W,) int64): strings in an .npz without pickling."""
-    encoded = [t.encode() for t in texts]
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum([len(b) for b in encoded], dtype=np.int64)
-
-
-def unpack_strings(data: np.ndarray, ends: np.ndarray) -> list[str]:
-    raw = data.tobytes()
-    starts = np.r_[0, ends[:-1]]
-    return [raw[a:b].decode() for a, b in zip(starts, ends, strict=True)]
 
 
 def datastore_text(run: Run) -> str:
