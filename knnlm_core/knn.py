@@ -30,11 +30,6 @@ def _logsumexp_rows(logits: np.ndarray) -> np.ndarray:
     return lse
 
 
-def log_normaliser(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> np.ndarray:
-    """log Σ_j exp(-d_j / tau) over the present neighbours (Q,); 0 for a row with none."""
-    return _logsumexp_rows(_masked_logits(dists, tau, nbr_values))
-
-
 def softmax_weights(dists: np.ndarray, tau: float, nbr_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(normalised weights (Q, k), log normaliser (Q,)) of -dists / tau; weight 0 on missing neighbours."""
     logits = _masked_logits(dists, tau, nbr_values)
@@ -63,13 +58,6 @@ def interpolate(p_lm: np.ndarray, p_knn: np.ndarray, lam: float | np.ndarray) ->
     return lam * p_knn + (1.0 - lam) * p_lm
 
 
-def hits_at(nbr_values: np.ndarray, targets: np.ndarray, ks: tuple[int, ...]) -> dict[int, np.ndarray]:
-    """hit@k (Q,) bool for each k <= the number of neighbours: target among the first k."""
-    match = nbr_values == targets[:, None]  # (Q, k)
-    first = first_match_rank(match)
-    return {k: (first > 0) & (first <= k) for k in ks if k <= nbr_values.shape[1]}
-
-
 def first_match_rank(match: np.ndarray) -> np.ndarray:
     """1-based rank of the first True per row (Q,) int32; 0 where there is none."""
     any_match = match.any(axis=1)
@@ -80,38 +68,6 @@ def target_stats(nbr_values: np.ndarray, targets: np.ndarray) -> tuple[np.ndarra
     """(target_rank (Q,) with 0 = none, n_target (Q,)) of each query's neighbours."""
     match = nbr_values == targets[:, None]
     return first_match_rank(match), match.sum(axis=1).astype(np.int32)
-
-
-def top_tokens(dists: np.ndarray, nbr_values: np.ndarray, tau: float, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `top` most probable tokens of each query's p_kNN: (token ids (Q, top), probs (Q, top)).
-
-    Rows with fewer distinct tokens are padded with token -1 and probability 0.
-    """
-    return top_tokens_from_weights(np.exp(log_weights(dists, tau, nbr_values)), nbr_values, top)
-
-
-def top_tokens_from_weights(weights: np.ndarray, nbr_values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """top_tokens from normalised weights (Q, k): sort each row by value, sum weights per run of
-    equal values, then rank the runs of each row by weight (one argsort on row + (1 - weight))."""
-    q, k = nbr_values.shape
-    order = np.argsort(nbr_values, axis=1)
-    vals = np.take_along_axis(nbr_values, order, axis=1).ravel()  # (Q*k,) sorted within rows
-    w = np.take_along_axis(weights, order, axis=1).ravel()
-    rows = np.repeat(np.arange(q), k)
-    starts = np.flatnonzero(np.r_[True, (vals[1:] != vals[:-1]) | (rows[1:] != rows[:-1])])
-    seg_w, seg_v, seg_r = np.add.reduceat(w, starts), vals[starts], rows[starts]
-    keep = seg_v != PAD
-    seg_w, seg_v, seg_r = seg_w[keep], seg_v[keep], seg_r[keep]
-    by_row = np.argsort(seg_r * 2.0 + (1.0 - seg_w), kind="stable")  # row ascending, weight descending
-    seg_w, seg_v, seg_r = seg_w[by_row], seg_v[by_row], seg_r[by_row]
-    row_start = np.searchsorted(seg_r, np.arange(q))
-    rank = np.arange(len(seg_r)) - row_start[seg_r]
-    sel = rank < top
-    ids = np.full((q, top), PAD, dtype=np.int64)
-    probs = np.zeros((q, top), dtype=np.float64)
-    ids[seg_r[sel], rank[sel]] = seg_v[sel]
-    probs[seg_r[sel], rank[sel]] = seg_w[sel]
-    return ids, probs
 
 
 def recall_at(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> np.ndarray:

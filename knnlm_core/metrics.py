@@ -7,11 +7,9 @@ O(V x d) sums and O(N) integer / float arrays, never the keys themselves.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse
-import scipy.stats
 
 from knnlm_core.index import blocks
 
@@ -126,21 +124,3 @@ def exact_knn_with_dists(
     return heap.D, heap.I
 
 
-@dataclass(frozen=True)
-class Correlation:
-    """Pearson r with its sample size and two-sided p-value."""
-
-    r: float
-    n: int
-    p: float
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> Correlation:
-    """Pearson correlation over the finite pairs of x and y (NaN r when n < 3 or constant)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return Correlation(float("nan"), int(len(x)), float("nan"))
-    result = scipy.stats.pearsonr(x, y)
-    return Correlation(float(result.statistic), int(len(x)), float(result.pvalue))

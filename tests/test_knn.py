@@ -1,4 +1,4 @@
-"""Tests of knnlm_core.knn (SPEC §2, §4): p_kNN, interpolation, hits, target rank, top tokens.
+"""Tests of knnlm_core.knn (SPEC §2, §4): p_kNN, interpolation, target rank, recall.
 
 Every formula is checked on a hand-computed case and against a per-row Python reference.
 """
@@ -13,12 +13,10 @@ import pytest
 from knnlm_core.knn import (
     PAD,
     first_match_rank,
-    hits_at,
     interpolate,
     log_weights,
     p_knn_of,
     target_stats,
-    top_tokens,
 )
 
 TAU = 10.0
@@ -199,73 +197,10 @@ def test_target_stats_hand():
     np.testing.assert_allclose(1.0 - n_target / k, [0.75, 0.5, 1.0, 0.75, 1.0])  # non-target share
 
 
-def test_hits_at_hand():
-    hits = hits_at(HAND_VALUES, HAND_TARGETS, (1, 2, 4, 8))
-    assert set(hits) == {1, 2, 4}  # k = 8 exceeds the 4 neighbours: not reported
-    np.testing.assert_array_equal(hits[1], [True, False, False, False, False])
-    np.testing.assert_array_equal(hits[2], [True, False, False, True, False])
-    np.testing.assert_array_equal(hits[4], [True, True, False, True, False])
-    assert hits[1].dtype == bool
-
-
-def test_hits_rank_and_count_match_reference():
+def test_rank_and_count_match_reference():
     _, values, targets = random_case(seed=4, k=64, vocab=20)
-    ks = (1, 8, 16, 64, 256)
-    hits = hits_at(values, targets, ks)
     rank, n_target = target_stats(values, targets)
-    assert set(hits) == {1, 8, 16, 64}
     for row, (v, t) in enumerate(zip(values.tolist(), targets.tolist(), strict=True)):
-        ref_rank = next((i + 1 for i, x in enumerate(v) if x == t), 0)
-        assert rank[row] == ref_rank
+        assert rank[row] == next((i + 1 for i, x in enumerate(v) if x == t), 0)
         assert n_target[row] == v.count(t)
-        for k in hits:
-            assert hits[k][row] == (t in v[:k])
-    # hit@k is monotone in k and hit@k == (0 < rank <= k)
-    for small, big in zip((1, 8, 16), (8, 16, 64), strict=True):
-        assert np.all(hits[small] <= hits[big])
     assert np.any(rank == 0) and np.any(rank == 1)
-
-
-# ---------------------------------------------------------------- top tokens
-
-
-def ref_top_tokens(dists, values, tau, top):
-    """Per-row reference: dict of summed weights per token, sorted by probability (ties by id)."""
-    ids = np.full((len(values), top), PAD, dtype=np.int64)
-    probs = np.zeros((len(values), top))
-    for row in range(len(values)):
-        totals: dict[int, float] = {}
-        for t in set(values[row].tolist()) - {PAD}:
-            totals[t] = ref_p_knn(dists[row], values[row], t, tau)
-        ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:top]
-        for j, (t, p) in enumerate(ranked):
-            ids[row, j], probs[row, j] = t, p
-    return ids, probs
-
-
-def test_top_tokens_hand_case():
-    dists = np.array([[0.0, 0.0, 10.0 * LN2, np.inf], [0.0, 5.0, 5.0, 5.0]])
-    values = np.array([[5, 7, 5, PAD], [2, 4, 4, 4]])
-    ids, probs = top_tokens(dists, values, TAU, top=3)
-    np.testing.assert_array_equal(ids, [[5, 7, PAD], [4, 2, PAD]])
-    w = math.exp(-0.5)
-    np.testing.assert_allclose(probs, [[0.6, 0.4, 0.0], [3 * w / (1 + 3 * w), 1 / (1 + 3 * w), 0.0]])
-
-
-@pytest.mark.parametrize("top", [1, 3, 10, 40])
-def test_top_tokens_match_reference(top):
-    dists, values, _ = random_case(seed=5, q=30, k=24, vocab=15)
-    ids, probs = top_tokens(dists, values, TAU, top)
-    ref_ids, ref_probs = ref_top_tokens(dists, values, TAU, top)
-    assert ids.shape == probs.shape == (len(values), top)
-    np.testing.assert_allclose(probs, ref_probs, rtol=1e-9, atol=1e-12)
-    np.testing.assert_array_equal(ids, ref_ids)  # continuous distances: no probability ties
-    assert np.all(np.diff(probs, axis=1) <= 1e-15)  # descending per row
-
-
-def test_top_tokens_all_padded_row():
-    dists = np.array([[np.inf, np.inf], [1.0, 2.0]])
-    values = np.array([[PAD, PAD], [3, 3]])
-    ids, probs = top_tokens(dists, values, TAU, top=2)
-    np.testing.assert_array_equal(ids, [[PAD, PAD], [3, PAD]])
-    np.testing.assert_allclose(probs, [[0.0, 0.0], [1.0, 0.0]])

@@ -6,22 +6,17 @@ are shrunk so the streaming code crosses several block boundaries.
 
 from __future__ import annotations
 
-import math
-
 import faiss
 import numpy as np
 import pytest
-import scipy.stats
 
 from knnlm_core import index as index_mod
 from knnlm_core import metrics
 from knnlm_core.metrics import (
-    Correlation,
     centroids,
     coefficient_of_variation,
     contamination_from_neighbors,
     exact_knn,
-    pearson,
     per_type_mean_max,
     spread,
     token_freq,
@@ -225,49 +220,3 @@ def test_contamination_caps_m_at_1024():
     np.testing.assert_allclose(got, want)
     assert got[0] == pytest.approx(5 / 1024)  # not 5 / 1100
     assert got[1] == 0.0
-
-
-# ---------------------------------------------------------------- Pearson
-
-
-def test_pearson_hand_values():
-    c = pearson(np.array([1, 2, 3, 4]), np.array([1, 3, 2, 4]))
-    # Σdxdy = 4, Σdx² = Σdy² = 5 -> r = 0.8; t = r√2/√(1-r²), df 2 -> p = 1 - t/√(2+t²) = 0.2
-    assert isinstance(c, Correlation)
-    assert c.r == pytest.approx(0.8)
-    assert c.n == 4
-    assert c.p == pytest.approx(0.2)
-    assert pearson([1, 2, 3], [2, 4, 6]).r == pytest.approx(1.0)
-    assert pearson([1, 2, 3], [3, 2, 1]).r == pytest.approx(-1.0)
-
-
-def test_pearson_matches_scipy_and_drops_non_finite():
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=200)
-    y = -0.2 * x + rng.normal(size=200)
-    x[[3, 50]] = np.nan
-    y[[7]] = np.inf
-    c = pearson(x, y)
-    ok = np.isfinite(x) & np.isfinite(y)
-    ref = scipy.stats.pearsonr(x[ok], y[ok])
-    assert c.n == 197
-    assert c.r == pytest.approx(ref.statistic, rel=1e-12)
-    assert c.p == pytest.approx(ref.pvalue, rel=1e-9)
-    xm, ym = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
-    assert c.r == pytest.approx((xm @ ym) / math.sqrt((xm @ xm) * (ym @ ym)))
-    assert c.r < 0
-
-
-@pytest.mark.parametrize(
-    ("x", "y", "n"),
-    [
-        ([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0], 4),  # constant x
-        ([1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0], 4),  # constant y
-        ([1.0, 2.0], [3.0, 1.0], 2),  # too few pairs
-        ([1.0, 2.0, np.nan, 4.0], [1.0, 2.0, 3.0, np.nan], 2),  # too few finite pairs
-    ],
-)
-def test_pearson_nan_cases(x, y, n):
-    c = pearson(np.array(x), np.array(y))
-    assert math.isnan(c.r) and math.isnan(c.p)
-    assert c.n == n

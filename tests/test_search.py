@@ -1,19 +1,22 @@
 """Tests of precompute/search.py (every search of the pipeline) against numpy references.
 
-`neighbour_sq_dists` against a direct float64 sum, `top_tokens` (torch) against
-`knnlm_core.knn.top_tokens_from_weights` and a hand case, `search_rows` (overlapped batches)
-against one `index.search` of all queries plus numpy distances, `exact_rows` against a float64
+`neighbour_sq_dists` against a direct float64 sum, `top_tokens` (torch) against a per-row
+Python reference and hand cases, `search_rows` (overlapped batches) against one
+`index.search` of all queries plus numpy distances, `exact_rows` against a float64
 brute force, `position_metrics` against the knn functions.
 """
 
 from __future__ import annotations
 
+import math
+
 import faiss
 import numpy as np
 import pytest
+from test_knn import LN2, random_case, ref_p_knn
 
 from knnlm_core.keystore import ShardedKeys
-from knnlm_core.knn import p_knn_of, softmax_weights, target_stats, top_tokens_from_weights
+from knnlm_core.knn import PAD, p_knn_of, softmax_weights, target_stats
 from knnlm_core.whiten import fit as fit_whitening
 from precompute.search import exact_rows, neighbour_sq_dists, position_metrics, search_rows, top_tokens
 
@@ -44,24 +47,53 @@ def test_neighbour_sq_dists_equal_direct_sum(data):
     assert np.isinf(got[ids < 0]).all()
 
 
+TAU = 10.0
+
+
+def weights_of(dists, values):
+    return softmax_weights(dists, TAU, values)[0]
+
+
+def ref_top_tokens(dists, values, tau, top):
+    """Per-row reference: dict of summed weights per token, sorted by probability (ties by id)."""
+    ids = np.full((len(values), top), PAD, dtype=np.int64)
+    probs = np.zeros((len(values), top))
+    for row in range(len(values)):
+        totals: dict[int, float] = {}
+        for t in set(values[row].tolist()) - {PAD}:
+            totals[t] = ref_p_knn(dists[row], values[row], t, tau)
+        ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:top]
+        for j, (t, p) in enumerate(ranked):
+            ids[row, j], probs[row, j] = t, p
+    return ids, probs
+
+
 def test_top_tokens_hand_case():
-    nbr_values = np.array([[5, 3, 5, -1, 7], [2, 2, 2, 2, 2]])
-    weights = np.array([[0.3, 0.25, 0.2, 0.0, 0.25], [0.1, 0.2, 0.3, 0.2, 0.2]])
-    ids, probs = top_tokens(weights, nbr_values, 3)
-    assert ids[0, 0] == 5 and np.isclose(probs[0, 0], 0.5)
-    assert set(ids[0, 1:]) == {3, 7} and np.allclose(probs[0, 1:], 0.25)
-    assert ids[1].tolist() == [2, -1, -1] and np.allclose(probs[1], [1.0, 0.0, 0.0])
+    dists = np.array([[0.0, 0.0, 10.0 * LN2, np.inf], [0.0, 5.0, 5.0, 5.0]])
+    values = np.array([[5, 7, 5, PAD], [2, 4, 4, 4]])
+    ids, probs = top_tokens(weights_of(dists, values), values, 3)
+    np.testing.assert_array_equal(ids, [[5, 7, PAD], [4, 2, PAD]])
+    w = math.exp(-0.5)
+    np.testing.assert_allclose(probs, [[0.6, 0.4, 0.0], [3 * w / (1 + 3 * w), 1 / (1 + 3 * w), 0.0]])
 
 
-def test_top_tokens_equal_numpy_reference():
-    rng = np.random.default_rng(3)
-    nbr_values = rng.integers(0, 30, (64, 128))
-    nbr_values[rng.random(nbr_values.shape) < 0.05] = -1
-    weights, _ = softmax_weights(rng.random((64, 128)) * 20, 3.0, nbr_values)
-    got_ids, got_p = top_tokens(weights, nbr_values, 10)
-    want_ids, want_p = top_tokens_from_weights(weights, nbr_values, 10)
-    np.testing.assert_allclose(got_p, want_p, atol=1e-12)
-    assert (got_ids == want_ids).all()
+@pytest.mark.parametrize("top", [1, 3, 10, 40])
+def test_top_tokens_match_reference(top):
+    dists, values, _ = random_case(seed=5, q=30, k=24, vocab=15)
+    ids, probs = top_tokens(weights_of(dists, values), values, top)
+    ref_ids, ref_probs = ref_top_tokens(dists, values, TAU, top)
+    assert ids.shape == probs.shape == (len(values), top)
+    np.testing.assert_allclose(probs, ref_probs, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(ids, ref_ids)  # continuous distances: no probability ties
+    assert np.all(np.diff(probs, axis=1) <= 1e-15)  # descending per row
+
+
+def test_top_tokens_all_padded_row():
+    dists = np.array([[np.inf, np.inf], [1.0, 2.0]])
+    values = np.array([[PAD, PAD], [3, 3]])
+    ids, probs = top_tokens(weights_of(dists, values), values, 2)
+    np.testing.assert_array_equal(ids, [[PAD, PAD], [3, PAD]])
+    np.testing.assert_allclose(probs, [[0.0, 0.0], [1.0, 0.0]])
 
 
 def direct_block(index, keys, values, q, k):
