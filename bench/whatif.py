@@ -1,22 +1,17 @@
-"""Benchmark: What-if re-scoring at the full WikiText-2 scale (286,220 positions x 1024 neighbours),
-`whatif.rescore` against the previous implementation (`_rescore_old` below: exp of every neighbour
-distance, float64, blocks on threads), side by side in one process.
+"""Benchmark: What-if re-scoring at the full WikiText-2 shape (286,220 positions x 1024 neighbours):
+`rescore.p_knn` (what `whatif.rescore` calls) against the plain per-neighbour float64 softmax
+(`per_neighbour` below), side by side in one process (goal: p_knn <= 2 s cold, <= 0.5 s warm on 2 cores).
 
 Synthetic, seeded arrays of the shape a run storing all k neighbours holds (the side file
 `neighbors_all.parquet`): ascending float32 squared L2 distances (PQ; exact = PQ + noise, not sorted),
 log-uniform (Zipf-like) int32 neighbour values, targets matching about 5-10 % of the neighbours,
 p_LM, and the run's p_kNN computed like the search stage (float64 `knn.softmax_weights` +
-`knn.p_knn_from_weights`, k = 1024, τ = 10, pq). Timed, in this order:
-* prepare -- `whatif.from_arrays` (missing neighbours, the (T, k) target-match mask);
-* cold -- the first call of each side (new: includes building the cached τ-independent group
-  summaries of the pq distances and the target-neighbour list);
-* warm -- further calls with other τ / source, new and old alternating (a first `exact` call of
-  the new side is cold for that source and is labelled so);
-* idf -- IDF-weighted p_kNN (new: cold for the weights, then warm);
-* λ only, oracle per-bin λ.
-Checks: at the run's k, τ, source the re-scored PPL (λ = 0.25) against the run's, and each position's
-p_kNN against the run's; every new result against the old one. Wall time depends on what else runs on
-the machine: compare the two sides of one run; process CPU seconds are printed too.
+`knn.p_knn_from_weights`, k = 1024, τ = 10, pq). Each line times both on one setting: cold (the
+first call: p_knn finds and caches the positions of the target neighbours), then warm calls at other
+τ / source, plain and IDF-weighted. Checks: at the run's k, τ, source the re-scored PPL (λ = 0.25)
+against the run's, and every result of p_knn against the per-neighbour one.
+Wall time depends on what else runs on the machine: compare the sides of one run; process CPU
+seconds (all threads) are printed too.
 
     python bench/whatif.py
     python bench/whatif.py --positions 20000 --threads 1
@@ -36,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 
 from bench.common import BenchParser, DefaultsHelp, count, size  # noqa: E402
-from knnlm_core import knn, whatif  # noqa: E402
+from knnlm_core import knn, rescore, whatif  # noqa: E402
 
 RUN_TAU, RUN_LAM = 10.0, 0.25  # the synthetic run's own τ and λ (pq distances, all k)
 
@@ -69,10 +64,10 @@ def synthetic(t: int, k: int, vocab: int, seed: int, threads: int) -> whatif.Sto
     return whatif.from_arrays(vals, dq, de, targets, p_lm, p_knn, freq_bin, type_freq)
 
 
-def _rescore_old(data: whatif.StoredNeighbours, k: int, tau: float, source: str = "pq",
-                 idf_weights: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
-    """The previous `whatif.rescore` (kept for comparison): per row Σ_match w_j / Σ_j w_j with
-    w_j = exp(-(d_j - min d) / tau) for all k neighbours, float64, blocks of 256 rows on threads."""
+def per_neighbour(data: whatif.StoredNeighbours, k: int, tau: float, source: str = "pq",
+                  idf_weights: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """The plain float64 softmax (an earlier What-if re-scoring): per row Σ_match w_j / Σ_j w_j with
+    w_j = exp(-(d_j - min d) / tau) for all k neighbours, blocks of 256 rows on threads."""
     rows = 256
     dists = data.dists_pq if source == "pq" else data.dists_exact  # (T, S) float32, inf = missing
     t = len(data.targets)
@@ -84,8 +79,8 @@ def _rescore_old(data: whatif.StoredNeighbours, k: int, tau: float, source: str 
         buf = np.empty((rows, k))  # (rows, k) float64 weights of one block
         for lo in range(span[0], span[1], rows):
             hi = min(lo + rows, span[1])
-            out[lo:hi] = _block_old(dists[lo:hi, :k], data.match[lo:hi, :k], data.nbr_values[lo:hi, :k],
-                                    tau, idf_weights, buf[: hi - lo])
+            out[lo:hi] = _block(dists[lo:hi, :k], data.match[lo:hi, :k], data.nbr_values[lo:hi, :k],
+                                tau, idf_weights, buf[: hi - lo])
 
     if n == 1:
         work(spans[0])
@@ -95,8 +90,8 @@ def _rescore_old(data: whatif.StoredNeighbours, k: int, tau: float, source: str 
     return out
 
 
-def _block_old(d: np.ndarray, match: np.ndarray, vals: np.ndarray, tau: float, idf_w: np.ndarray | None,
-               buf: np.ndarray) -> np.ndarray:
+def _block(d: np.ndarray, match: np.ndarray, vals: np.ndarray, tau: float, idf_w: np.ndarray | None,
+           buf: np.ndarray) -> np.ndarray:
     """p_kNN(target) (r,) of one block: d (r, k) float32 (inf = missing), match (r, k) bool."""
     low = d.min(axis=1).astype(np.float64)  # (r,) shift: the largest weight of a row is exp(0) = 1
     low[~np.isfinite(low)] = 0.0  # a row without neighbours: every weight stays exp(-inf) = 0
@@ -110,15 +105,21 @@ def _block_old(d: np.ndarray, match: np.ndarray, vals: np.ndarray, tau: float, i
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
-CPU: list[float] = []  # process CPU seconds of each timed call (all threads)
+def new(data: whatif.StoredNeighbours, k: int, tau: float, source: str = "pq",
+        idf_weights: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """rescore.p_knn on the data's arrays."""
+    dists = data.dists_pq if source == "pq" else data.dists_exact
+    return rescore.p_knn(data.nbr_values, dists, data.targets, k, tau, idf_weights, threads)
 
 
-def timed(fn, *args, **kwargs):
-    """(result, wall seconds); the process CPU seconds of the call go to CPU[-1]."""
+SIDES = {"new": new, "per-neighbour": per_neighbour}
+
+
+def timed(fn, *args) -> tuple[np.ndarray, float, float]:
+    """(result, wall seconds, process CPU seconds of all threads)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    out = fn(*args, **kwargs)
-    CPU.append(time.process_time() - c0)
-    return out, time.perf_counter() - t0
+    out = fn(*args)
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,16 +128,15 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def side_by_side(label: str, data, k: int, tau: float, source: str, threads: int | None,
-                 weights: np.ndarray | None = None) -> tuple[np.ndarray, float, float, float]:
-    """Time new then old on one setting; print both, their ratio and the largest relative difference."""
-    new, t_new = timed(whatif.rescore, data, k, tau, source, weights, threads)
-    c_new = CPU[-1]
-    old, t_old = timed(_rescore_old, data, k, tau, source, weights, threads)
-    diff = rel_diff(new, old)
-    print(f"{label:6s} τ={tau:<4g} {source:5s}{' idf' if weights is not None else '    '}  new {t_new:6.3f} s "
-          f"(CPU {c_new:5.2f})  old {t_old:6.3f} s (CPU {CPU[-1]:5.2f})  old/new {t_old / t_new:5.2f}x  "
-          f"max rel diff {diff:.1e}")
-    return new, t_new, t_old, diff
+                 weights: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float], float]:
+    """Time both sides on one setting (new first); print their wall / CPU seconds, the time ratio and the
+    largest relative difference. Returns (new's result, wall seconds per side, the difference)."""
+    runs = {name: timed(fn, data, k, tau, source, weights, threads) for name, fn in SIDES.items()}
+    diff = rel_diff(runs["new"][0], runs["per-neighbour"][0])
+    cells = "  ".join(f"{name} {w:6.3f} s (CPU {c:5.2f})" for name, (_, w, c) in runs.items())
+    print(f"{label:5s} τ={tau:<4g} {source:5s}{' idf' if weights is not None else '    '}  {cells}  "
+          f"per-neighbour/new {runs['per-neighbour'][1] / runs['new'][1]:5.2f}x  max rel diff {diff:.1e}", flush=True)
+    return runs["new"][0], {name: r[1] for name, r in runs.items()}, diff
 
 
 def main() -> None:
@@ -150,42 +150,28 @@ def main() -> None:
     n_threads = args.threads or min(os.cpu_count() or 1, 8)
 
     t0 = time.perf_counter()
-    raw = synthetic(args.positions, args.k, args.vocab, args.seed, n_threads)
+    data = synthetic(args.positions, args.k, args.vocab, args.seed, n_threads)
     print(f"generated {args.positions:,} x {args.k} in {time.perf_counter() - t0:.1f} s; CPUs {os.cpu_count()}, "
-          f"threads {n_threads}, load average {os.getloadavg()[0]:.2f}")
-    data, t_prep = timed(whatif.from_arrays, raw.nbr_values, raw.dists_pq, raw.dists_exact, raw.targets, raw.p_lm,
-                         raw.p_knn_run, raw.freq_bin, raw.type_freq)
-    del raw
-    print(f"prepare (once per load)  {t_prep:6.3f} s   match rate {data.match.mean():.3f}")
+          f"threads {n_threads}, load average {os.getloadavg()[0]:.2f}; match rate {data.match.mean():.3f}")
 
-    # cold: first call of each side (new builds its pq summaries and the target list here)
-    p_run, t_cold, t_cold_old, d_cold = side_by_side("cold", data, args.k, RUN_TAU, "pq", args.threads)
+    p_run, cold, diff = side_by_side("cold", data, args.k, RUN_TAU, "pq", args.threads)
     ppl_run = whatif.overall_ppl(whatif.interpolate(data, RUN_LAM))
     ppl_new = whatif.overall_ppl(whatif.interpolate(data, RUN_LAM, p_run))
     print(f"  at the run's k, τ, source: PPL rel diff {abs(ppl_new / ppl_run - 1):.1e} (goal <= 1e-9), "
           f"p_kNN per position max rel diff {rel_diff(p_run, data.p_knn_run):.1e}")
-
-    warm, diffs, seen = [], [d_cold], {"pq"}
-    for tau, source in [(5.0, "pq"), (20.0, "exact"), (2.5, "exact"), (40.0, "pq"), (7.5, "pq"), (0.5, "pq")]:
-        label = "warm" if source in seen else "cold"  # the first exact call builds the exact summaries
-        seen.add(source)
-        _, t_new, t_old, diff = side_by_side(label, data, args.k, tau, source, args.threads)
-        diffs.append(diff)
-        if label == "warm":
-            warm.append((t_new, t_old))
+    warm, diffs = [], [diff]
     weights = whatif.idf(data.type_freq, 100 * args.positions)
-    for label in ("cold", "warm"):
-        diffs.append(side_by_side(label, data, args.k, 5.0 if label == "warm" else RUN_TAU, "pq", args.threads,
-                                  weights)[3])
-    new_w, old_w = np.array(warm).T
-    print(f"cold  new {t_cold:.3f} s, old {t_cold_old:.3f} s, old/new {t_cold_old / t_cold:.2f}x")
-    print(f"warm  new median {np.median(new_w):.3f} s (max {new_w.max():.3f}), old median {np.median(old_w):.3f} s, "
-          f"old/new {np.median(old_w) / np.median(new_w):.2f}x (goal <= 2 s); largest new vs old rel diff "
-          f"{max(diffs):.1e}; load average now {os.getloadavg()[0]:.2f}")
-    _, t_lam = timed(whatif.interpolate, data, 0.3)
-    print(f"λ only (run's p_kNN)     {t_lam:6.3f} s")
-    _, t_or = timed(whatif.best_lambda_per_bin, data.freq_bin, data.p_lm, p_run)
-    print(f"oracle per-bin λ (101)   {t_or:6.3f} s")
+    for tau, source in [(5.0, "pq"), (20.0, "exact"), (2.5, "exact"), (40.0, "pq"), (7.5, "pq"), (0.5, "pq")]:
+        _, times, diff = side_by_side("warm", data, args.k, tau, source, args.threads)
+        warm.append(times)
+        diffs.append(diff)
+    for tau in (10.0, 5.0):
+        diffs.append(side_by_side("warm", data, args.k, tau, "pq", args.threads, weights)[2])
+    print("cold  " + ", ".join(f"{name} {cold[name]:.3f} s" for name in SIDES) + " (goal new <= 2 s)")
+    med = {name: float(np.median([w[name] for w in warm])) for name in SIDES}
+    print(f"warm median ({len(warm)} calls)  " + ", ".join(f"{name} {med[name]:.3f} s" for name in SIDES)
+          + f" (goal new <= 0.5 s); largest new vs per-neighbour rel diff {max(diffs):.1e}; "
+          f"load average now {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -13,23 +13,13 @@
   bin is unknown at test time; `knnlm_core.adaptive`), and IDF-weighted p_kNN: neighbour j
   weighs exp(-d_j / τ) · idf(v_j), idf(v) = ln(1 + N / freq(v)), renormalised.
 
-Re-scoring (`rescore`) equals the float64 softmax (`knn.p_knn_of`) to ~1e-13 relative without
-an exp per neighbour: a group of GROUP neighbours contributes Σ_j exp(-(d_j - m) / τ) =
-exp(-(centre - m) / τ) Σ_p (-1/τ)^p / p! Σ_j (d_j - centre)^p, a truncated power series in the
-group's τ-independent moments (built on the first call per data, source and weights, cached on
-the data: 2 bytes per neighbour); groups too wide for the series at this τ are summed directly,
-groups more than SKIP τ above the row's smallest distance are dropped (< e^-50 each), and the
-numerator sums the few target neighbours directly. Numpy only (the app imports this module);
-blocks of rows run on threads (numpy releases the GIL).
+Re-scoring (`rescore`) is `knnlm_core.rescore.p_knn`: the float64 softmax of `knn.p_knn_of`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,17 +29,10 @@ import pandas as pd
 
 from knnlm_core import adaptive, bootstrap, intervals, knn
 from knnlm_core.bins import bin_labels
+from knnlm_core.rescore import p_knn
 
-ROWS = 256  # positions per re-scoring block
 SOURCES = ("pq", "exact")
 ALL_NEIGHBOURS = "neighbors_all.parquet"  # side file of all run.k neighbours, next to metrics.duckdb
-GROUP = 64  # neighbours per moment group
-MOMENTS = 13  # moments Σ a (d - centre)^p, p = 0..12, kept per group
-RHO = 0.5  # series used when half a group's distance span / τ <= RHO: truncation <= RHO^13 e^(2 RHO) / 13! = 5e-14
-SKIP = 50.0  # groups whose smallest distance exceeds the row's by SKIP τ weigh < e^-50 each: dropped
-KEEP_SUMMARIES = 2  # summaries (source, weights) kept per loaded data
-DENSE = 0.8  # a block sums all its columns directly when the direct groups hold more than this share of them
-LOG2E = 1.0 / math.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -305,247 +288,12 @@ def rescore(
     threads: int | None = None,
 ) -> np.ndarray:
     """p_kNN(target) (T,) float64 from the first k stored neighbours, temperature tau, `pq` or
-    `exact` distances; with `idf_weights` (V,) each neighbour's weight is multiplied by idf(value).
-
-    Per row: Σ_{match} w_j / Σ_j w_j with w_j = exp(-(d_j - m) / tau), m = the row's smallest distance
-    among the k: the float64 softmax of knn.p_knn_of to ~1e-13 relative. The first call per (data,
-    source, weights) builds the group summary (cached on `data`: 2 bytes per neighbour, 10 per target
-    neighbour); blocks of ROWS positions run on `threads` threads (default: all CPUs, at most 8).
-    """
-    if not 1 <= k <= data.n_stored:
-        raise ValueError(f"k must be in 1..{data.n_stored} (neighbours stored per position)")
+    `exact` distances; with `idf_weights` (V,) each neighbour's weight is multiplied by idf(value)
+    (`rescore.p_knn`; ValueError for k outside 1..S, tau <= 0 or a source the data do not hold)."""
     if source not in data.sources:
         raise ValueError(f"source must be one of {data.sources} (distances the stored neighbours hold)")
-    if not tau > 0:
-        raise ValueError("tau must be > 0")
-    weights = None if idf_weights is None else np.asarray(idf_weights, dtype=np.float64)
-    n = _n_threads(len(data.targets), threads)
-    summary = _summary(data, source, weights, n)
-    call = _Call(data.dists_pq if source == "pq" else data.dists_exact, data.nbr_values, summary, k, 1.0 / tau,
-                 _taylor(1.0 / tau), weights, None if weights is None else weights[data.targets])
-    out = np.zeros(len(data.targets))  # (T,)
-
-    def block(lo: int, hi: int) -> None:
-        out[lo:hi] = call.rows(lo, hi)
-
-    _for_blocks(len(out), n, block)
-    return out
-
-
-def _taylor(c: float) -> np.ndarray:
-    """(MOMENTS,) coefficients (-c)^p / p! of exp(-c x) = Σ_p (-c)^p / p! x^p (inf where they overflow)."""
-    p = np.arange(MOMENTS)
-    with np.errstate(over="ignore"):
-        return (-1.0) ** p * np.exp(p * math.log(c) - np.array([math.lgamma(i + 1) for i in p]))
-
-
-def _n_threads(t: int, threads: int | None) -> int:
-    """Threads for t rows: `threads`, default all CPUs (at most 8), never more than blocks of ROWS."""
-    return max(1, min(threads or min(os.cpu_count() or 1, 8), -(-t // ROWS)))
-
-
-def _for_blocks(t: int, n: int, fn, rows: int | None = None) -> None:
-    """Call fn(lo, hi) on every block of `rows` (default ROWS) rows of [0, t), n threads each taking a
-    contiguous span."""
-    rows = rows or ROWS
-    spans = [(i * t // n, (i + 1) * t // n) for i in range(n)]
-
-    def work(span: tuple[int, int]) -> None:
-        for lo in range(span[0], span[1], rows):
-            fn(lo, min(lo + rows, span[1]))
-
-    if n == 1:
-        work(spans[0])
-    else:
-        with ThreadPoolExecutor(n) as pool:
-            list(pool.map(work, spans))
-
-
-@dataclass(frozen=True)
-class _Targets:
-    """The target neighbours (data.match) of every row as a CSR in row-major order."""
-
-    start: np.ndarray  # (T + 1,) int64 row r's target neighbours are entries [start[r], start[r + 1])
-    rows: np.ndarray  # (M,) int32 row of each target neighbour
-    cols: np.ndarray  # (M,) int16 (int32 when S >= 2^15) column (0-based rank) of each target neighbour
-
-
-@dataclass(frozen=True)
-class _Summary:
-    """τ-independent summary of one distance source (and neighbour weights) of every row: groups of
-    GROUP consecutive neighbours (n = S // GROUP full groups; the S % GROUP last columns are always
-    summed directly) and the distances of the target neighbours."""
-
-    low: np.ndarray  # (T, n) float64 smallest finite distance of the group, inf = empty group
-    centre: np.ndarray  # (T, n) float64 (smallest + largest) / 2, 0 for an empty group
-    half: np.ndarray  # (T, n) float64 (largest - smallest) / 2, 0 for an empty group
-    moments: np.ndarray  # (T, n, MOMENTS) float64 Σ_j a_j (d_j - centre)^p over the group's finite
-    #                      distances, a_j = 1 or the neighbour's weight
-    skip: float  # drop a group when its low exceeds the row's smallest distance by skip τ
-    targets: _Targets
-    target_d: np.ndarray  # (M,) float32 distance of each target neighbour, inf = unknown
-
-
-_LOCK = threading.Lock()  # one builder of a data's cached summaries at a time
-
-
-def _summary(data: StoredNeighbours, source: str, weights: np.ndarray | None, threads: int) -> _Summary:
-    """The cached summary of (source, weights) on `data`, built on first use (at most KEEP_SUMMARIES
-    kept per data, least recently used dropped first)."""
-    key = ("summary", source, None if weights is None else hashlib.blake2b(weights.tobytes()).hexdigest())
-    with _LOCK:
-        if key in data.cache:
-            data.cache[key] = data.cache.pop(key)  # most recently used last
-            return data.cache[key]
-        if "targets" not in data.cache:
-            data.cache["targets"] = _build_targets(data.match)
-        old = [k for k in data.cache if k[0] == "summary"]
-        for k in old[: max(0, len(old) - KEEP_SUMMARIES + 1)]:
-            del data.cache[k]
-        data.cache[key] = _build_summary(data, source, weights, threads, data.cache["targets"])
-        return data.cache[key]
-
-
-def _build_targets(match: np.ndarray) -> _Targets:
-    """CSR of a (T, S) bool mask."""
-    t, s = match.shape
-    flat = np.flatnonzero(match)  # (M,) int64 row-major
-    rows = (flat // s).astype(np.int32)
-    start = np.zeros(t + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=t), out=start[1:])
-    return _Targets(start, rows, (flat % s).astype(np.int16 if s < 2**15 else np.int32))
-
-
-def _build_summary(data: StoredNeighbours, source: str, weights: np.ndarray | None, threads: int,
-                   targets: _Targets) -> _Summary:
-    """Group low / centre / half / moments of every row (blocks of GROUP rows on threads) and the
-    distances of its target neighbours."""
-    dists = data.dists_pq if source == "pq" else data.dists_exact  # (T, S) float32, inf = missing
-    t, s = dists.shape
-    n = s // GROUP
-    low, centre, half = (np.zeros((t, n)) for _ in range(3))  # (T, n) each
-    moments = np.zeros((t, n, MOMENTS))  # (T, n, MOMENTS)
-    extremes = []  # (smallest, largest) weight of the present neighbours of each block (weighted only)
-
-    def block(lo: int, hi: int) -> None:
-        r = hi - lo
-        d = dists[lo:hi, : n * GROUP].reshape(r, n, GROUP)  # (r, n, GROUP) float32
-        ok = d < np.inf
-        low[lo:hi] = a = d.min(axis=2)  # (r, n) float32, inf = empty group
-        b = d.max(axis=2)  # (r, n) float32, inf where some neighbour of the group is missing
-        part = (b == np.inf) & (a < np.inf)
-        b[part] = np.where(ok[part], d[part], -np.inf).max(axis=1)
-        a, b = np.where(a < np.inf, a, 0.0), np.where(a < np.inf, b, 0.0)
-        centre[lo:hi] = (a.astype(np.float64) + b) / 2  # exact in float64
-        half[lo:hi] = (b.astype(np.float64) - a) / 2
-        x = np.subtract(d, centre[lo:hi, :, None], dtype=np.float64)  # (r, n, GROUP) exact differences
-        if weights is None:
-            y = ok.astype(np.float64)
-        else:
-            v = data.nbr_values[lo:hi]
-            w = weights[np.maximum(v, 0)]  # (r, S)
-            extremes.append((np.where(v >= 0, w, np.inf).min(), np.where(v >= 0, w, 0.0).max()))
-            y = np.where(ok, w[:, : n * GROUP].reshape(r, n, GROUP), 0.0)
-        if not ok.all():
-            x[~ok] = 0.0  # (inf otherwise; y is 0 there)
-        for p in range(MOMENTS):
-            moments[lo:hi, :, p] = np.einsum("rng->rn", y)  # numpy's own loop: no BLAS threads under ours
-            if p + 1 < MOMENTS:
-                y *= x
-
-    _for_blocks(t, threads, block, rows=GROUP)
-    target_d = dists.reshape(-1)[targets.rows.astype(np.int64) * s + targets.cols]  # (M,) float32
-    return _Summary(low, centre, half, moments, SKIP + _log_spread(extremes), targets, target_d)
-
-
-def _log_spread(extremes: list[tuple[float, float]]) -> float:
-    """ln(largest / smallest weight) of the present neighbours (0 unweighted; inf when one weighs 0:
-    no group is then dropped)."""
-    if not extremes:
-        return 0.0
-    lo, hi = min(e[0] for e in extremes), max(e[1] for e in extremes)
-    return 0.0 if hi <= 0 or lo == np.inf else math.inf if lo <= 0 else math.log(hi / lo)
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One re-scoring request (k, c = 1/τ, weights): the constants its row blocks share."""
-
-    dists: np.ndarray  # (T, S) float32 distances of the requested source, inf = missing
-    values: np.ndarray  # (T, S) int32 neighbour values, -1 = missing
-    summary: _Summary
-    k: int  # neighbours per row re-scored (the first k)
-    c: float  # 1 / τ
-    coef: np.ndarray  # (MOMENTS,) float64 Taylor coefficients of exp(-c x)
-    weights: np.ndarray | None  # (V,) float64 neighbour weight per value, None = unweighted
-    target_w: np.ndarray | None  # (T,) float64 weight of each row's target (= of its target neighbours)
-
-    def rows(self, lo: int, hi: int) -> np.ndarray:
-        """p_kNN(target) (hi - lo,) of rows [lo, hi): target weight sum / weight sum, both shifted by the
-        row's smallest distance among the first k (largest unweighted weight = 1)."""
-        q = min(self.k // GROUP, self.summary.low.shape[1])  # full groups inside the first k
-        tail = slice(q * GROUP, self.k)  # columns past the last full group: summed directly
-        shift = np.minimum(self.summary.low[lo:hi, :q].min(axis=1, initial=np.inf),
-                           self.dists[lo:hi, tail].min(axis=1, initial=np.inf))  # (r,) float64
-        shift[shift == np.inf] = 0.0  # a row without neighbours: every weight exp(-inf) = 0
-        den = self._direct(self.dists[lo:hi, tail], self.values[lo:hi, tail], shift).sum(axis=1)
-        if q:
-            den += self._groups(lo, hi, q, shift)
-        num = self._targets(lo, hi, shift)
-        return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-
-    def _groups(self, lo: int, hi: int, q: int, shift: np.ndarray) -> np.ndarray:
-        """Weight sum (r,) of the first q groups: power series where c * half <= RHO, direct where not,
-        nothing for groups more than summary.skip / c above the row's smallest distance."""
-        sm, c = self.summary, self.c
-        with np.errstate(invalid="ignore"):
-            live = c * (sm.low[lo:hi, :q] - shift[:, None]) <= sm.skip  # (r, q); empty group: inf -> False
-        series = live & (c * sm.half[lo:hi, :q] <= RHO)
-        direct = live & ~series
-        n_direct = np.count_nonzero(direct)
-        used = np.flatnonzero(live.any(axis=0))
-        end = (used[-1] + 1) * GROUP if len(used) else 0  # columns up to the block's last live group
-        if n_direct * GROUP > DENSE * (hi - lo) * end:
-            return self._direct(self.dists[lo:hi, :end], self.values[lo:hi, :end], shift).sum(axis=1)
-        den = self._series(lo, hi, q, series, shift)
-        return den + self._gathered(lo, hi, direct, shift) if n_direct else den
-
-    def _series(self, lo: int, hi: int, q: int, series: np.ndarray, shift: np.ndarray) -> np.ndarray:
-        """Σ over the `series` groups (r, q) of exp(-c (centre - shift)) Σ_p coef_p moment_p."""
-        sm = self.summary
-        with np.errstate(all="ignore"):  # groups outside `series` may overflow; they are not used
-            s = np.einsum("rqm,m->rq", sm.moments[lo:hi, :q], self.coef)  # (r, q) Σ_j a_j exp(-c (d_j - centre))
-            fac = np.exp(-self.c * (sm.centre[lo:hi, :q] - shift[:, None]))  # (r, q) <= 1
-            return np.where(series, fac * s, 0.0).sum(axis=1)
-
-    def _gathered(self, lo: int, hi: int, direct: np.ndarray, shift: np.ndarray) -> np.ndarray:
-        """Direct weight sum (r,) over the groups marked in `direct` (r, q), gathered into one array."""
-        rows, grp = np.nonzero(direct)
-        cols = grp[:, None] * GROUP + np.arange(GROUP)  # (b, GROUP)
-        w = self._direct(self.dists[lo + rows[:, None], cols], self.values[lo + rows[:, None], cols], shift[rows])
-        return np.bincount(rows, w.sum(axis=1), minlength=hi - lo)
-
-    def _direct(self, d: np.ndarray, v: np.ndarray, shift: np.ndarray) -> np.ndarray:
-        """Weights (b, m) float64 a_j exp(-c (d_j - shift)) of distances d (b, m) float32 with values v."""
-        w = np.subtract(d, shift[:, None], dtype=np.float64)  # missing: inf
-        w *= -self.c * LOG2E
-        np.exp2(w, out=w)  # exp2 is a little faster than exp in numpy without AVX-512
-        if self.weights is not None:
-            w *= self.weights[np.maximum(v, 0)]
-        return w
-
-    def _targets(self, lo: int, hi: int, shift: np.ndarray) -> np.ndarray:
-        """Target weight sum (r,) over the target neighbours among the first k."""
-        sm, tg = self.summary, self.summary.targets
-        a, b = tg.start[lo], tg.start[hi]
-        rows, d = tg.rows[a:b] - lo, sm.target_d[a:b]
-        if self.k < self.dists.shape[1]:
-            keep = tg.cols[a:b] < self.k
-            rows, d = rows[keep], d[keep]
-        w = np.subtract(d, shift[rows], dtype=np.float64)
-        w *= -self.c * LOG2E
-        num = np.bincount(rows, np.exp2(w, out=w), minlength=hi - lo).astype(np.float64)  # int64 when empty
-        return num if self.target_w is None else num * self.target_w[lo:hi]
+    dists = data.dists_pq if source == "pq" else data.dists_exact
+    return p_knn(data.nbr_values, dists, data.targets, k, tau, idf_weights, threads)
 
 
 def p_knn_for(data: StoredNeighbours, p: Plan, tau: float, source: str) -> np.ndarray:

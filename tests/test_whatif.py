@@ -1,6 +1,6 @@
 """knnlm_core.whatif: re-scoring from stored neighbours against the run's own p_kNN (a
-real run storing all k neighbours, from its table and from the side file: PPL to 1e-9), against
-a per-position loop reference and against the previous implementation (bench/whatif.py);
+real run storing all k neighbours, from its table and from the side file: PPL to 1e-9) and against
+a per-position loop reference (the re-scoring itself: tests/test_rescore.py);
 the side file (round trip, atomic write, row count); λ-only changes against direct
 interpolation on the shipped demo; exact / approximate / not-available plans; the page on a
 run with a side file."""
@@ -14,8 +14,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from bench.whatif import _rescore_old
-from knnlm_core import adaptive, knn, store, whatif
+from knnlm_core import adaptive, knn, rescore, store, whatif
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DB = REPO / "data" / "runs" / "demo" / store.DB_NAME
@@ -129,7 +128,7 @@ def test_rescore_threads_blocks_and_missing_neighbours(tiny, monkeypatch):
     vals[0] = -1  # a position without any neighbour
     holes = whatif.from_arrays(vals, dq, de, data.targets, data.p_lm, data.p_knn_run, data.freq_bin, data.type_freq)
     assert np.isinf(holes.dists_pq[vals < 0]).all() and not holes.match[vals < 0].any()
-    monkeypatch.setattr(whatif, "ROWS", 7)
+    monkeypatch.setattr(rescore, "ROWS", 7)
     for source in ("pq", "exact"):
         ref = _reference(holes, holes.n_stored, 4.0, source)
         for threads in (1, 3):
@@ -343,10 +342,9 @@ def test_plan_without_exact_distances_is_not_available():
 
 @pytest.fixture(scope="module")
 def mixed():
-    """Random neighbours (S = 200: 3 groups of 64 + 8 tail columns) with missing neighbours, unknown exact
-    distances and a position without neighbours, whose spreads make every re-scoring path run at τ = 5:
-    rows 0-299 narrow with one wide row in ten (series + a few groups summed directly), rows 300-449 very
-    narrow (series only), rows 450-599 very wide (dense blocks, far groups dropped)."""
+    """Random neighbours (S = 200) with missing neighbours, unknown exact distances and a position without
+    neighbours; rows 0-299 narrow with one wide row in ten, rows 300-449 very narrow, rows 450-599 very
+    wide (distance spreads from far below to far above τ)."""
     rng = np.random.default_rng(3)
     t, s, v = 600, 200, 300
     step = np.r_[np.where(rng.random(300) < 0.1, 1.0, 0.05), np.full(150, 0.002), np.full(150, 20.0)][:, None]
@@ -359,59 +357,6 @@ def mixed():
     de[rng.random((t, s)) < 0.03] = np.nan
     return whatif.from_arrays(values, dq, de, targets, rng.uniform(0.01, 0.5, t), rng.uniform(0.0, 1.0, t),
                               rng.integers(0, 5, t).astype(np.int16), rng.integers(0, 50, v))
-
-
-def test_fast_path_equals_old_path(mixed, monkeypatch):
-    monkeypatch.setattr(whatif, "ROWS", 50)
-    positive = whatif.idf(np.maximum(mixed.type_freq, 1), 10_000)  # every weight > 0: far groups are dropped
-    with_zeros = whatif.idf(mixed.type_freq, 10_000)  # some weights 0: nothing is dropped
-    for k in (1, 63, 64, 150, 192, 200):
-        for tau in (0.02, 0.7, 5.0, 80.0):
-            for source in whatif.SOURCES:
-                for w in (None, positive, with_zeros):
-                    new = whatif.rescore(mixed, k, tau, source, w, threads=2)
-                    np.testing.assert_allclose(new, _rescore_old(mixed, k, tau, source, w, 1), rtol=1e-12, atol=0)
-    # at τ = 5 every path runs: series, groups gathered for the direct sum, and whole blocks summed directly
-    # (_direct runs once per block for the tail columns, once per gathered call and once per dense block)
-    calls = {"_series": 0, "_gathered": 0, "_direct": 0}
-
-    def spy(name):
-        fn = getattr(whatif._Call, name)
-
-        def counted(self, *args):
-            calls[name] += 1
-            return fn(self, *args)
-        return counted
-
-    for name in calls:
-        monkeypatch.setattr(whatif._Call, name, spy(name))
-    old = _rescore_old(mixed, 200, 5.0, "pq")
-    np.testing.assert_allclose(whatif.rescore(mixed, 200, 5.0, "pq"), old, rtol=1e-12, atol=0)
-    assert calls["_series"] > 0 and calls["_gathered"] > 0 and calls["_direct"] > calls["_series"] + calls["_gathered"]
-    with np.errstate(invalid="ignore"):  # and groups are dropped (their low is > SKIP τ above the row's)
-        assert ((mixed.dists_pq[:, ::64] - mixed.dists_pq[:, :1]) / 5.0 > whatif.SKIP).any()
-    # the comparison catches a one-in-1e9 error in the groups' moments
-    mixed.cache[("summary", "pq", None)].moments[:, :, 0] *= 1 + 1e-9
-    try:
-        with pytest.raises(AssertionError):
-            np.testing.assert_allclose(whatif.rescore(mixed, 200, 5.0, "pq"), old, rtol=1e-12, atol=0)
-    finally:
-        mixed.cache.clear()
-
-
-def test_series_is_exact_at_its_limit():
-    """The series' worst case: groups with 63 distances at their smallest and one at their largest, half
-    span / τ just below RHO. The result still equals the float64 softmax to 1e-12 (a series with two
-    moments fewer would miss by ~1e-11)."""
-    t, s = 6, 128
-    d = np.repeat(10.0 + np.arange(t)[:, None], s, axis=1)  # (t, s)
-    d[:, whatif.GROUP - 1 :: whatif.GROUP] += 2.0  # half span 1 in each group
-    values = np.tile(np.r_[np.zeros(5), np.ones(s - 5)].astype(np.int32), (t, 1))
-    data = whatif.from_arrays(values, d, d, np.zeros(t), np.full(t, 0.5), np.full(t, 0.5), np.zeros(t), np.ones(2))
-    tau = 1.0 / (0.999 * whatif.RHO)
-    p = whatif.rescore(data, s, tau, "pq")
-    np.testing.assert_allclose(p, knn.p_knn_of(data.dists_pq, values, data.targets, tau), rtol=1e-12, atol=0)
-    assert (data.cache[("summary", "pq", None)].half * 0.999 * whatif.RHO <= whatif.RHO).all()
 
 
 def test_rescore_equals_float64_softmax_at_run_settings(mixed):
