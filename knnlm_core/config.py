@@ -55,8 +55,10 @@ class RunConfig:
     # Path, relative to the run directory, of another run's metrics.duckdb built on the same
     # datastore: this run then stores no datastore_tokens table of its own but reads that one's.
     datastore_tokens_from: str = ""
-    exact_search: str = "auto"  # SPEC §8 exact search beside the index: on | off | auto (on up to exact_max_entries)
-    exact_max_entries: int = 5_000_000  # auto: largest datastore searched exactly (cost ~ n_eval x n_entries x d)
+    # SPEC §8 exact search beside the index: on | off | auto (on when the plan's estimate for the machine at hand
+    # is small: precompute.plan.startup.decide_exact; the run records the decision and why)
+    exact_search: str = "auto"
+    ctx_max_len: int = 64  # SPEC §12: cap on the context match length and the ∞-gram suffix (tokens)
     # --- mitigations (SPEC §9): evaluated beside the plain run when valid_corpus is set ---
     valid_corpus: str = ""  # validation text that τ and adaptive λ are fitted on; "" = no mitigations
     valid_limit_tokens: int = 0  # 0 = whole file
@@ -95,10 +97,6 @@ class RunConfig:
         """The whitened variants to build, in the order named ("none" = none)."""
         parts = [w.strip() for w in self.whiten.split(",") if w.strip()]
         return () if parts == ["none"] else tuple(dict.fromkeys(parts))
-
-    def exact_search_enabled(self, n_entries: int) -> bool:
-        """Whether the exact-search stage runs for a datastore of n_entries."""
-        return self.exact_search == "on" or (self.exact_search == "auto" and n_entries <= self.exact_max_entries)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with the TOML spelling ('lambda')."""
@@ -226,7 +224,7 @@ RULES: dict[str, Rule] = {
     "contamination_search": Rule(choices=("exact", "index")),
     "datastore_tokens_from": Rule(fix='"" or the path of another run\'s metrics.duckdb'),
     "exact_search": Rule(choices=("auto", "on", "off")),
-    "exact_max_entries": Rule(lo=0, hi=BIG_INT, fix="largest datastore searched exactly under auto"),
+    "ctx_max_len": _count(1, 1 << 16, "tokens, e.g. 64"),
     "valid_corpus": Rule(fix='"" = no mitigations, or a text file'),
     "valid_limit_tokens": Rule(lo=2, hi=BIG_INT, zero_ok=True, fix="0 = the whole file"),
     "whiten": Rule(nonempty=True, fix='"none", "entries", "zipfian" or "entries,zipfian"'),  # parts: below

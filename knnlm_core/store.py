@@ -15,7 +15,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-SCHEMA_VERSION = 3  # 3: documents (SPEC §11): eval_tokens.doc_id, documents, doc_bin_stats, run.doc_mode
+SCHEMA_VERSION = 4  # 3: documents (SPEC §11): eval_tokens.doc_id, documents, doc_bin_stats, run.doc_mode
+# 4: context novelty (SPEC §12): eval_tokens.ctx_match_len / p_inf / inf_suffix_len / inf_count / copy_share,
+#    neighbors.overlap, the ∞-gram variant; the neighbour blocks (SPEC §7) in the run directory
 DB_NAME = "metrics.duckdb"
 HIT_KS = (1, 8, 16, 64, 256, 1024)
 RECALL_KS = (16, 64, 1024)  # SPEC §8: recall@k for those <= the run's k
@@ -37,14 +39,16 @@ CREATE TABLE eval_tokens (
     target_rank INTEGER, n_target INTEGER, query_pq_error DOUBLE, context_freq BIGINT,
     context_token_id INTEGER, knn_log_z DOUBLE,
     recall_16 DOUBLE, recall_64 DOUBLE, recall_1024 DOUBLE,
-    p_knn_ivf_pq DOUBLE, p_knn_ivf_exact DOUBLE, p_knn_exact DOUBLE, exact_target_rank INTEGER, doc_id INTEGER
+    p_knn_ivf_pq DOUBLE, p_knn_ivf_exact DOUBLE, p_knn_exact DOUBLE, exact_target_rank INTEGER, doc_id INTEGER,
+    ctx_match_len SMALLINT, p_inf DOUBLE, inf_suffix_len SMALLINT, inf_count BIGINT, copy_share DOUBLE
 );
 CREATE TABLE token_types (
     token_id INTEGER, token VARCHAR, freq BIGINT, freq_bin SMALLINT, cv DOUBLE, contamination DOUBLE,
     pq_error_mean DOUBLE, pq_error_max DOUBLE, eval_count BIGINT
 );
 CREATE TABLE neighbors (
-    pos INTEGER, rank SMALLINT, entry BIGINT, token_id INTEGER, distance_pq REAL, distance_exact REAL
+    pos INTEGER, rank SMALLINT, entry BIGINT, token_id INTEGER, distance_pq REAL, distance_exact REAL,
+    overlap SMALLINT
 );
 CREATE TABLE exact_neighbors (pos INTEGER, rank SMALLINT, entry BIGINT, distance REAL);
 CREATE TABLE eval_words (
@@ -216,8 +220,9 @@ def open_readonly(path: Path) -> duckdb.DuckDBPyConnection:
         con.close()
         found = None if version is None else version[0]
         raise RunSchemaError(
-            f"run at {path.parent} has schema version {found}, this app reads {SCHEMA_VERSION}: "
-            "rebuild it with `python -m precompute --config ... --run-dir ... --overwrite`"
+            f"run at {path.parent} has schema version {found}, this app reads {SCHEMA_VERSION}: rebuild it with "
+            "`python -m precompute --config ... --run-dir ... --overwrite` (finished stages whose inputs did not "
+            "change are reused)"
         )
     try:
         shared = con.execute("SELECT datastore_tokens_from FROM run").fetchone()[0]

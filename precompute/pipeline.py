@@ -41,6 +41,8 @@ from precompute.stages.exact import stage_exact
 from precompute.stages.index import stage_index
 from precompute.stages.mitigate import TAU_GRID, stage_mitigate
 from precompute.stages.search import outputs as search_outputs
+from precompute.stages.suffix import OUTPUTS as SUFFIX_OUTPUTS
+from precompute.stages.suffix import stage_suffix
 from precompute.stages.search import stage_search
 from precompute.stages.tokenize import stage_tokenize
 from precompute.stages.types import stage_types
@@ -211,6 +213,12 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
         raise RunError(f"k = {cfg.k:,} exceeds the datastore's {n_entries:,} entries (use --k {n_entries} or less, "
                        "or a larger datastore)")
     fingerprint = model_fingerprint(cfg, run_dir)
+    from precompute.plan import decide_exact, machine_of, plan_facts, plan_summary  # advice: never raises
+
+    machine = machine_of(cfg, device, executor)
+    n_eval = len(fresh["eval_ids.npy"]) - 1 if "eval_ids.npy" in fresh else len(load_npy(run.path("eval_ids.npy"))) - 1
+    if summary := plan_summary(cfg, plan_facts(cfg, n_entries, n_eval), machine):
+        print(summary, file=sys.stderr)
     # ---- compute
     run_dir.mkdir(parents=True, exist_ok=True)
     # run_config.json claims the directory for this config. Over a run of another config (--overwrite) it
@@ -250,15 +258,19 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     k_ty = run_stage(run, "types", {"up": [k_ds, k_ix], "mode": cfg.contamination_search, "shard": cfg.shard_size,
                                     "nprobe": cfg.nprobe if cfg.contamination_search == "index" else None},
                      ["types.npz"], lambda key: stage_types(run, key))
-    run.info["exact_search"] = cfg.exact_search_enabled(run.info["n_entries"])
+    run.info["exact_search"], run.info["exact_search_reason"] = decide_exact(
+        cfg, plan_facts(cfg, run.info["n_entries"], run.info["n_eval"]), machine)
     k_ex = run_stage(run, "exact", {"up": k_se, "shard": cfg.shard_size},
                      ["exact.npz", f"{neighbours.ROOT}/eval-exact/{neighbours.LISTING}"],
                      lambda key: stage_exact(run, key)) if run.info["exact_search"] else None
-    k_mi = run_stage(run, "mitigate", {"up": k_se, "lambda": cfg.lam, "bins": cfg.adaptive_bins,
+    k_sx = run_stage(run, "suffix", {"up": [k_dtok, k_etok, k_va], "max_len": cfg.ctx_max_len,
+                                     "shard": cfg.shard_size}, SUFFIX_OUTPUTS,
+                     lambda key: stage_suffix(run, key, cfg.ctx_max_len))
+    k_mi = run_stage(run, "mitigate", {"up": [k_se, k_sx], "lambda": cfg.lam, "bins": cfg.adaptive_bins,
                                        "tau_grid": TAU_GRID.tolist()}, ["mitigations.npz", "mitigations.json"],
                      lambda key: stage_mitigate(run, key)) if cfg.valid_corpus else None
     k_wo = run_stage(run, "words", {"up": [k_dtok, k_etok]}, ["words.npz"], lambda key: stage_words(run, key))
-    up = [k_se, k_ty, k_ex, k_wo] + ([k_mi] if k_mi else [])  # runs without mitigations keep their key
+    up = [k_se, k_ty, k_ex, k_wo, k_sx] + ([k_mi] if k_mi else [])  # runs without mitigations keep their key
     run_stage(run, "database", {"up": up, "lambda": cfg.lam, "name": run.run_name,
                                 "schema": store.SCHEMA_VERSION, "config": cfg.to_dict()},
               [store.DB_NAME], lambda key: stage_database(run, key))

@@ -1,5 +1,5 @@
-"""Tests of knnlm_core.documents (SPEC §11 resampling units), the database stage's doc_id and the
-schema-2 → 3 upgrade (precompute.upgrade)."""
+"""Tests of knnlm_core.documents (SPEC §11 resampling units), the database stage's doc_id, and the
+refusal of a run database of an older schema."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ import shutil
 
 import duckdb
 import numpy as np
-import pandas as pd
 import pytest
 from conftest import TOKENIZER_DIR
 
 from knnlm_core import documents, store
 from knnlm_core.config import REPO_ROOT
 from knnlm_core.corpus import load_tokenizer, tokenize_text
-from precompute import upgrade
 
 
 @pytest.fixture(scope="module")
@@ -96,51 +94,14 @@ def test_run_database_has_documents(tiny_run):
     np.testing.assert_allclose(got["sum_nll_lm"], want["sum"], rtol=1e-12)
 
 
-def _as_schema_2(src, dst) -> None:
-    """A schema-2 copy of a run database: without the SPEC §11 columns and relations."""
-    con = duckdb.connect(str(src), read_only=True)
-    tables = upgrade.read_tables(con)
+def test_a_run_of_an_older_schema_is_refused_with_the_rebuild(tmp_path, tiny_run):
+    """The app reads schema 4 only (SPEC §12 columns, neighbour blocks): an older run database gets one line
+    naming its version and the command that rebuilds it (finished stages are reused)."""
+    db = tmp_path / store.DB_NAME
+    shutil.copyfile(tiny_run / store.DB_NAME, db)
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE run SET schema_version = 3")
     con.close()
-    tables["eval_tokens"] = tables["eval_tokens"].drop(columns="doc_id")
-    tables["run"] = tables["run"].drop(columns=["n_docs", "doc_mode", "doc_block_tokens"]).assign(schema_version=2)
-    out = duckdb.connect(str(dst))
-    for name, frame in tables.items():  # noqa: B007 (frame is read by DuckDB's replacement scan)
-        out.execute(f"CREATE TABLE {name} AS SELECT * FROM frame")
-    out.close()
-
-
-def test_upgrade_adds_the_same_documents_as_a_build(tmp_path, tiny_run):
-    """precompute.upgrade on a schema-2 copy of a run reproduces the database stage's doc_id and documents,
-    leaves every other column as it was, and refuses to run twice or on text that does not match."""
-    run_dir = tmp_path / "old"
-    shutil.copytree(tiny_run, run_dir)
-    built = duckdb.connect(str(tiny_run / store.DB_NAME), read_only=True)
-    want_ev = built.execute("SELECT * FROM eval_tokens ORDER BY pos").fetchdf()
-    want_docs = built.execute("SELECT * FROM documents ORDER BY doc_id").fetchdf()
-    built.close()
-    (run_dir / store.DB_NAME).unlink()
-    _as_schema_2(tiny_run / store.DB_NAME, run_dir / store.DB_NAME)
-    with pytest.raises(store.RunSchemaError, match="schema version 2"):
-        store.open_readonly(run_dir / store.DB_NAME)
-    assert upgrade.main(["--run-dir", str(run_dir)]) == 0
-    con = store.open_readonly(run_dir / store.DB_NAME)
-    got_ev = con.execute("SELECT * FROM eval_tokens ORDER BY pos").fetchdf()
-    got_docs = con.execute("SELECT * FROM documents ORDER BY doc_id").fetchdf()
-    con.close()
-    pd.testing.assert_frame_equal(got_ev[want_ev.columns], want_ev)
-    pd.testing.assert_frame_equal(got_docs, want_docs)
-    assert upgrade.main(["--run-dir", str(run_dir)]) == 2  # already at schema 3: one error line, nothing written
-
-
-def test_upgrade_refuses_text_that_does_not_match(tmp_path, tiny_run, capsys):
-    run_dir = tmp_path / "old"
-    shutil.copytree(tiny_run, run_dir)
-    (run_dir / store.DB_NAME).unlink()
-    _as_schema_2(tiny_run / store.DB_NAME, run_dir / store.DB_NAME)
-    con = duckdb.connect(str(run_dir / store.DB_NAME))
-    con.execute("UPDATE eval_tokens SET token_id = token_id + 1 WHERE pos = 3")  # corrupt one stored token
-    con.close()
-    before = (run_dir / store.DB_NAME).read_bytes()
-    assert upgrade.main(["--run-dir", str(run_dir)]) == 2
-    assert "does not tokenize" in capsys.readouterr().err
-    assert (run_dir / store.DB_NAME).read_bytes() == before  # the old database is untouched
+    with pytest.raises(store.RunSchemaError, match="schema version 3, this app reads 4: rebuild") as err:
+        store.open_readonly(db)
+    assert "\n" not in str(err.value) and "reused" in str(err.value)

@@ -219,12 +219,6 @@ def cli_cases(tmp: Path, good_cfg: Path, run: Path, broken: Path, f: dict[str, P
             (("--run-dir", str(run), "--bogus"), run), (("--run-dir", str(broken)), broken),
             (("--run-dir", str(tmp)), None),
         ]],
-        # precompute.upgrade (schema 2 -> 3): a current run, nothing there, a file, a broken run
-        *[(f"upgrade {' '.join(a)}", ("-m", "precompute.upgrade", *a), w) for a, w in [
-            (("--run-dir", str(run)), run), (("--run-dir", str(tmp / "none")), None), (("--run-dir", ""), None),
-            (("--run-dir", str(f["a_file"])), f["a_file"]), ((), None), (("--run-dir", str(broken)), broken),
-            (("--run-dir", str(run), "--bogus"), run),
-        ]],
         # precompute.plan
         *[(f"plan {' '.join(a)}", ("-m", "precompute.plan", *a), None) for a in [
             ("--config", str(good_cfg), "--nodes", "-3"), ("--config", str(good_cfg), "--gpus", "-1"),

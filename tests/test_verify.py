@@ -250,6 +250,11 @@ def test_exact_and_word_checks_run_on_the_intact_run(intact_checks):
     ("UPDATE eval_words SET nll_lm = nll_lm + 0.01 WHERE word_idx % 9 = 4", ["eval_words.nll_lm = sum of token nll_lm"]),
     ("UPDATE eval_words SET freq_bin = freq_bin + 1 WHERE word_idx = 0", ["eval_words.freq_bin"]),
     ("UPDATE eval_tokens SET doc_id = doc_id + 1 WHERE pos >= 250", ["eval_tokens.doc_id (evaluation text re-scanned)"]),
+    ("UPDATE eval_tokens SET ctx_match_len = ctx_match_len + 1 WHERE pos % 7 = 2",
+     ["ctx_match_len (scan of the datastore stream)"]),
+    ("UPDATE eval_tokens SET p_inf = p_inf * 0.9 + 1e-4 WHERE pos % 7 = 2", ["p_inf (scan)"]),
+    ("UPDATE eval_tokens SET inf_count = inf_count + 1 WHERE pos % 7 = 2", ["inf_count (scan)"]),
+    ("UPDATE neighbors SET overlap = overlap + 1 WHERE rank = 2", ["neighbors.overlap (contexts compared)"]),
 ])
 def test_exact_and_word_corruptions_are_caught(fresh_run, intact_checks, statement, names):
     sql(fresh_run, statement)

@@ -10,12 +10,13 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from knnlm_core import documents, neighbours, store, words
+from knnlm_core import documents, infgram, neighbours, store, words
 from knnlm_core.bins import freq_bin
 from knnlm_core.config import resolve_path
 from knnlm_core.corpus import read_text
-from knnlm_core.knn import interpolate
+from knnlm_core.knn import interpolate, softmax_weights
 from precompute.runner import Run, RunError, load_npy, load_npz
+from precompute.stages.suffix import COLUMNS as SUFFIX_COLUMNS
 
 
 def decode_tokens(tokenizer, ids: np.ndarray) -> dict[int, str]:
@@ -66,6 +67,7 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
     eval_tokens["context_token_id"] = context.astype(np.int32)
     eval_tokens["knn_log_z"] = se["knn_log_z"]  # neighbour j's weight in p_kNN = exp(-d_j / τ - knn_log_z)
     exact_neighbors = add_exact_columns(run, eval_tokens)
+    overlap = add_novelty_columns(run, eval_tokens, ds_ids, ev_ids)
     docs = eval_documents(run, ev_ids)
     eval_tokens["doc_id"] = docs.doc_id
 
@@ -79,6 +81,7 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
     })
     s = cfg.store_neighbors_effective
     neighbors = first_neighbours(run, "plain", s, distance_pq="dist_pq", distance_exact="dist_exact")
+    neighbors["overlap"] = overlap
     lm_top = per_rank(lm["lm_top_ids"] >= 0, token_id=lm["lm_top_ids"].astype(np.int32),
                       p_lm=lm["lm_top_p"].astype(np.float32))
     knn_top = per_rank(se["knn_top_ids"] >= 0, token_id=se["knn_top_ids"].astype(np.int32),
@@ -156,6 +159,31 @@ def add_exact_columns(run: Run, eval_tokens: pd.DataFrame) -> pd.DataFrame:
     rank[ex["exact_target_rank"] <= 0] = pd.NA
     eval_tokens["exact_target_rank"] = rank
     return first_neighbours(run, "exact", run.cfg.store_neighbors_effective, distance="dist_exact")
+
+
+def add_novelty_columns(run: Run, eval_tokens: pd.DataFrame, ds_ids: np.ndarray, ev_ids: np.ndarray) -> np.ndarray:
+    """SPEC §12 columns of eval_tokens (the suffix stage's ctx_match_len, p_inf, inf_suffix_len, inf_count, and
+    copy_share from the (eval, plain) block: the share of p_kNN carried by neighbours whose context overlaps the
+    query's by >= 4 tokens); returns the overlap of the stored neighbours, in the `neighbors` table's row order."""
+    cfg = run.cfg
+    inf = load_npz(run.path("infgram.npz"))
+    for name in SUFFIX_COLUMNS:
+        eval_tokens[name] = inf[name]
+    block = neighbours.open_block(neighbours.block_dir(run.run_dir, "eval", "plain"))
+    column = "dist_exact" if cfg.distance_source == "exact" else "dist_pq"
+    targets, s = ev_ids[1:].astype(np.int64), cfg.store_neighbors_effective
+    share, stored = np.full(len(targets), np.nan), []
+    for lo, hi in block.row_ranges(16384):
+        ids, vals = block.rows("ids", lo, hi), block.rows("values", lo, hi)
+        pos = np.arange(lo, hi)
+        weights, _ = softmax_weights(block.rows(column, lo, hi), cfg.temperature, vals)
+        carriers = np.where(vals == targets[lo:hi, None], ids, -1)  # only they enter the share
+        overlap = infgram.neighbour_overlap(ds_ids, ev_ids, pos, carriers, cfg.ctx_max_len)
+        share[lo:hi] = infgram.copy_share(weights, vals, targets[lo:hi], overlap)
+        first = ids[:, :s]
+        stored.append(infgram.neighbour_overlap(ds_ids, ev_ids, pos, first, cfg.ctx_max_len)[first >= 0])
+    eval_tokens["copy_share"] = pd.array(np.where(np.isnan(share), None, share), dtype="Float64")  # NULL: p_kNN = 0
+    return np.concatenate(stored).astype(np.int16) if stored else np.zeros(0, np.int16)
 
 
 def first_neighbours(run: Run, index_name: str, s: int, **distances: str) -> pd.DataFrame:

@@ -37,7 +37,9 @@ VARIANT_LABELS = {
     "plain": "plain kNN-LM (the run)", "tau": "τ from validation", "idf": "IDF weighting",
     "adaptive-nn": "adaptive λ by nearest-neighbour distance", "adaptive-entropy": "adaptive λ by LM entropy",
     "zipfian": "Zipfian whitening", "entries": "entry whitening",
+    "infgram": "∞-gram interpolation (no kNN)",
 }
+LAMBDA_GRID = np.round(np.arange(101) / 100, 2)  # λ_∞ candidates (SPEC §12), as the adaptive λ's grid
 
 
 def tau_grid(run_tau: float) -> np.ndarray:
@@ -119,12 +121,21 @@ def inputs(run: Run) -> dict[str, np.ndarray]:
         "eval_p_knn": load_npz(run.path("search.npz"))["p_knn"], "valid_y": run.split("valid")[1],
         "valid_p_lm": load_npz(run.path("valid_lm.npz"))["p_lm"],
         "valid_entropy": np.asarray(load_npy(run.path("valid_entropy.npy")), np.float64),
+        **{f"{split}_p_inf": inf[f"{prefix}p_inf"] for split, prefix in (("eval", ""), ("valid", "valid_"))
+           for inf in [load_npz(run.path("infgram.npz"))]},
     }
 
 
 def valid_ppls(run: Run, p_lm: np.ndarray, p_knn: np.ndarray) -> np.ndarray:
     """Validation kNN-LM PPL at the run's λ of each column (τ) of p_knn (T, G)."""
     return np.array([whatif.overall_ppl(interpolate(p_lm, p_knn[:, g], run.cfg.lam)) for g in range(p_knn.shape[1])])
+
+
+def fit_lambda_inf(p_lm: np.ndarray, p_inf: np.ndarray) -> tuple[float, float]:
+    """(λ_∞, validation PPL) minimising the PPL of λ p_∞ + (1 − λ) p_LM over LAMBDA_GRID (first minimiser)."""
+    ppl = np.array([whatif.overall_ppl(interpolate(p_lm, p_inf, lam)) for lam in LAMBDA_GRID])
+    best = int(np.argmin(ppl))
+    return float(LAMBDA_GRID[best]), float(ppl[best])
 
 
 def stage_mitigate(run: Run, key: str) -> dict:
@@ -156,8 +167,10 @@ def stage_mitigate(run: Run, key: str) -> dict:
                "lam_nn": rules["adaptive-nn"].apply(ev["plain"]["nn_dist"]),
                "lam_entropy": rules["adaptive-entropy"].apply(data["eval_entropy"]),
                "nn_dist": ev["plain"]["nn_dist"], "lm_entropy": data["eval_entropy"],
-               "p_knn_plain_rescored": ev["plain"]["p_knn"][:, 0]}  # verify: the block reproduces p_knn
-    variants = describe(run, data, plain, whitened, rules, per_pos)
+               "p_knn_plain_rescored": ev["plain"]["p_knn"][:, 0],  # verify: the block reproduces p_knn
+               "p_inf": data["eval_p_inf"]}
+    infgram = dict(zip(("lam", "valid_ppl"), fit_lambda_inf(data["valid_p_lm"], data["valid_p_inf"]), strict=True))
+    variants = describe(run, data, plain, whitened, rules, per_pos, infgram)
     save_npz(run.path("mitigations.npz"), **per_pos)
     save_json(run.path("mitigations.json"), {
         "valid_corpus": cfg.valid_corpus, "n_valid": len(data["valid_y"]), "tau_grid": taus.tolist(),
@@ -169,7 +182,8 @@ def stage_mitigate(run: Run, key: str) -> dict:
     return {"mitigation_variants": [v["variant"] for v in variants]}
 
 
-def describe(run: Run, data: dict, plain: dict, whitened: dict, rules: dict, per_pos: dict) -> list[dict]:
+def describe(run: Run, data: dict, plain: dict, whitened: dict, rules: dict, per_pos: dict,
+             infgram: dict) -> list[dict]:
     """One row per variant: τ, λ, where its p_kNN / λ live, and its validation and evaluation PPL."""
     cfg = run.cfg
     lam, p_lm, vp_lm = cfg.lam, data["eval_p_lm"], data["valid_p_lm"]
@@ -178,11 +192,11 @@ def describe(run: Run, data: dict, plain: dict, whitened: dict, rules: dict, per
     grid_note = f"τ grid 2^-2 … 2^14 (4 per octave) and the run's τ, chosen on {where}"
     valid_plain = whatif.overall_ppl(interpolate(vp_lm, plain["valid_p_knn"], lam))
 
-    def row(variant, family, tau, p_col, lam_col, valid_ppl, notes, eps=None):
+    def row(variant, family, tau, p_col, lam_col, valid_ppl, notes, eps=None, lam_fixed=lam):
         p_knn = data["eval_p_knn"] if p_col is None else per_pos[p_col]
-        lam_v = lam if lam_col is None else per_pos[lam_col]
-        return {"variant": variant, "label": VARIANT_LABELS[variant], "family": family, "tau": float(tau),
-                "lam": None if lam_col else lam, "p_knn_column": p_col, "lam_column": lam_col, "eps": eps,
+        lam_v = lam_fixed if lam_col is None else per_pos[lam_col]
+        return {"variant": variant, "label": VARIANT_LABELS[variant], "family": family,
+                "tau": None if tau is None else float(tau), "lam": None if lam_col else lam_fixed, "p_knn_column": p_col, "lam_column": lam_col, "eps": eps,
                 "valid_ppl_lm": whatif.overall_ppl(vp_lm), "valid_ppl": valid_ppl, "ppl": whatif.overall_ppl(interpolate(p_lm, p_knn, lam_v)),
                 "notes": notes}
 
@@ -205,4 +219,8 @@ def describe(run: Run, data: dict, plain: dict, whitened: dict, rules: dict, per
                         eps=float(w["eps"])))
         # timings go to mitigations.json and the manifest only: the tables stay deterministic
         rows[-1].update(fit_seconds=round(float(w["fit_seconds"]), 2), build_seconds=round(float(w["build_seconds"]), 2))
+    rows.append(row("infgram", "∞-gram baseline", None, "p_inf", None, infgram["valid_ppl"],
+                    f"λ_∞ p_∞ + (1 − λ_∞) p_LM, p_∞ from the datastore text's suffix array (SPEC §12, suffix ≤ "
+                    f"{cfg.ctx_max_len} tokens); λ_∞ chosen on {where}, grid 0…1 step 0.01; no neighbour search",
+                    lam_fixed=infgram["lam"]))
     return rows
