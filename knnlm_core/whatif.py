@@ -2,10 +2,11 @@
 
 - λ only: p_kNNLM = λ p_kNN + (1 − λ) p_LM with the run's own p_kNN (`eval_tokens.p_knn`,
   computed from run.k neighbours): exact for any λ, no neighbours needed.
-- k, τ or distance source: p_kNN is re-scored from the stored neighbours: all run.k of them
-  when the run directory holds the side file `neighbors_all.parquet` (ALL_NEIGHBOURS, written
-  by `save_all_neighbours`), else the `neighbors` table (the first `store_neighbors` of the
-  run.k the index returned, in rank order). Exact when all k requested neighbours are stored
+- k, τ or distance source: p_kNN is re-scored from the stored neighbours: all run.k of them,
+  with PQ and exact distances, when the run directory holds its (eval, plain) neighbour block
+  (SPEC §7, `knnlm_core.neighbours`; read memory-mapped by row range, never loaded whole), else
+  the `neighbors` table (the first `store_neighbors` of the run.k the index returned, in rank
+  order: shipped runs keep only their database). Exact when all k requested neighbours are stored
   (k <= S: the index's top-k is the prefix of its top-run.k) and the data hold the requested
   distance source; otherwise re-scored from the S stored ones and labelled approximate, or
   labelled not available (`plan` decides; the page shows the run's own value beside).
@@ -19,20 +20,17 @@ Re-scoring (`rescore`) is `knnlm_core.rescore.p_knn`: the float64 softmax of `kn
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import duckdb
 import numpy as np
 import pandas as pd
 
-from knnlm_core import adaptive, bootstrap, intervals, knn
+from knnlm_core import adaptive, bootstrap, intervals, knn, neighbours
 from knnlm_core.bins import bin_labels
 from knnlm_core.rescore import p_knn
 
 SOURCES = ("pq", "exact")
-ALL_NEIGHBOURS = "neighbors_all.parquet"  # side file of all run.k neighbours, next to metrics.duckdb
 
 
 @dataclass(frozen=True)
@@ -50,14 +48,20 @@ class StoredNeighbours:
     p_knn_run: np.ndarray  # (T,) float64 the run's own p_kNN (run.k neighbours)
     freq_bin: np.ndarray  # (T,) int16
     type_freq: np.ndarray  # (V,) int64 datastore frequency of every token id (0 = unseen)
-    match: np.ndarray  # (T, S) bool neighbour present and its value is the target
     sources: tuple[str, ...] = SOURCES  # distance sources the arrays hold (no "exact": none stored)
-    cache: dict = field(default_factory=dict, compare=False, repr=False)  # rescore's τ-independent summaries
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # the match mask, once asked for
 
     @property
     def n_stored(self) -> int:
         """S: neighbours stored per position."""
         return int(self.nbr_values.shape[1])
+
+    @property
+    def match(self) -> np.ndarray:
+        """(T, S) bool: neighbour present and its value is the target (computed on first use)."""
+        if "match" not in self.cache:
+            self.cache["match"] = np.asarray(self.nbr_values[:]) == self.targets[:, None]
+        return self.cache["match"]
 
 
 def from_arrays(
@@ -71,8 +75,7 @@ def from_arrays(
     type_freq: np.ndarray,
     sources: tuple[str, ...] = SOURCES,
 ) -> StoredNeighbours:
-    """StoredNeighbours with missing neighbours normalised (value -1, distances inf) and the
-    target-match mask computed once (everything τ-independent is done here, not per re-score)."""
+    """StoredNeighbours with missing neighbours normalised (value -1, distances inf)."""
     t, s = nbr_values.shape
     assert dists_pq.shape == dists_exact.shape == (t, s) and targets.shape == p_lm.shape == (t,)
     assert set(sources) <= set(SOURCES)
@@ -84,7 +87,7 @@ def from_arrays(
         nbr_values=values, dists_pq=dq, dists_exact=de, targets=targets,
         p_lm=np.asarray(p_lm, dtype=np.float64), p_knn_run=np.asarray(p_knn_run, dtype=np.float64),
         freq_bin=np.asarray(freq_bin, dtype=np.int16), type_freq=np.asarray(type_freq, dtype=np.int64),
-        match=present & (values == targets[:, None]), sources=tuple(sources),
+        sources=tuple(sources),
     )
 
 
@@ -117,6 +120,34 @@ def load_neighbours(cur: duckdb.DuckDBPyConnection) -> StoredNeighbours:
     return _with_positions(cur, nbr_values, dists_pq, dists_exact, _sources(n_rows, n_exact))
 
 
+def load_block(block: neighbours.Block, cur: duckdb.DuckDBPyConnection) -> StoredNeighbours:
+    """StoredNeighbours over a run's (eval, plain) neighbour block (all k neighbours, PQ and exact distances),
+    memory-mapped: columns are read by row range as the re-scoring walks them. ValueError when the block does
+    not hold one row per evaluation position."""
+    t = int(cur.execute("SELECT count(*) FROM eval_tokens").fetchone()[0])
+    if block.n_rows != t:
+        raise ValueError(f"neighbour block {block.folder} has {block.n_rows:,} rows but the run has {t:,} positions: "
+                         "rebuild the run")
+    ev, type_freq = _eval_arrays(cur, 0)
+    return StoredNeighbours(
+        nbr_values=block.column("values"), dists_pq=block.column("dist_pq"), dists_exact=block.column("dist_exact"),
+        targets=np.asarray(ev["token_id"], dtype=np.int32), p_lm=np.asarray(ev["p_lm"], dtype=np.float64),
+        p_knn_run=np.asarray(ev["p_knn"], dtype=np.float64), freq_bin=np.asarray(ev["freq_bin"], dtype=np.int16),
+        type_freq=type_freq,
+    )
+
+
+def _eval_arrays(cur: duckdb.DuckDBPyConnection, max_value: int) -> tuple[dict, np.ndarray]:
+    """(eval_tokens' token_id, p_lm, p_knn, freq_bin in pos order; datastore frequency (V,) of every token id up
+    to the largest of the run's and `max_value`)."""
+    ev = cur.execute("SELECT token_id, p_lm, p_knn, freq_bin FROM eval_tokens ORDER BY pos").fetchnumpy()
+    tf = cur.execute("SELECT token_id, freq FROM token_types").fetchnumpy()
+    vocab_size = int(max(tf["token_id"].max(initial=0), max_value, ev["token_id"].max(initial=0))) + 1
+    type_freq = np.zeros(vocab_size, dtype=np.int64)  # (V,)
+    type_freq[np.asarray(tf["token_id"], dtype=np.int64)] = np.asarray(tf["freq"], dtype=np.int64)
+    return ev, type_freq
+
+
 def _sources(n_rows: int, n_exact: int) -> tuple[str, ...]:
     """Distance sources held by neighbour rows: "exact" only when some exact distance is stored."""
     return SOURCES if n_exact > 0 or n_rows == 0 else ("pq",)
@@ -126,11 +157,7 @@ def _with_positions(cur: duckdb.DuckDBPyConnection, nbr_values: np.ndarray, dist
                     dists_exact: np.ndarray, sources: tuple[str, ...]) -> StoredNeighbours:
     """StoredNeighbours from (T, S) neighbour arrays plus the run's targets, p_LM, p_kNN, bins and type
     frequencies (eval_tokens in pos order, token_types)."""
-    ev = cur.execute("SELECT token_id, p_lm, p_knn, freq_bin FROM eval_tokens ORDER BY pos").fetchnumpy()
-    tf = cur.execute("SELECT token_id, freq FROM token_types").fetchnumpy()
-    vocab_size = int(max(tf["token_id"].max(initial=0), nbr_values.max(initial=0), ev["token_id"].max(initial=0))) + 1
-    type_freq = np.zeros(vocab_size, dtype=np.int64)  # (V,)
-    type_freq[np.asarray(tf["token_id"], dtype=np.int64)] = np.asarray(tf["freq"], dtype=np.int64)
+    ev, type_freq = _eval_arrays(cur, int(nbr_values.max(initial=0)))
     return from_arrays(
         nbr_values, dists_pq, dists_exact, np.asarray(ev["token_id"]), np.asarray(ev["p_lm"]),
         np.asarray(ev["p_knn"]), np.asarray(ev["freq_bin"]), type_freq, sources,
@@ -156,64 +183,6 @@ def _to_grid(nb: dict, t: int, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     for arr, c in zip(out, cols, strict=True):
         arr[rows, ranks] = np.asarray(nb[c], dtype=arr.dtype)
     return out
-
-
-def save_all_neighbours(path: str | Path, nbr_values: np.ndarray, dists_pq: np.ndarray,
-                        dists_exact: np.ndarray | None) -> None:
-    """Write all k neighbours of every position, (T, k) arrays (value int32, -1 = missing; squared L2
-    distances float32; exact distances or None), as Parquet: one row per (pos, rank), rank 1-based,
-    ordered by pos, rank, ZSTD; dist_exact NULL when not given. Written to a temporary file in the same
-    folder and renamed into place, so `path` is never a partial file."""
-    path = Path(path)
-    values = np.ascontiguousarray(nbr_values, dtype=np.int32)
-    t, k = values.shape
-    assert dists_pq.shape == (t, k) and (dists_exact is None or dists_exact.shape == (t, k))
-    frame = {  # noqa: F841 (read by DuckDB's replacement scan); numpy columns in (pos, rank) order
-        "pos": np.repeat(np.arange(t, dtype=np.int32), k),  # (T k,)
-        "rank": np.tile(np.arange(1, k + 1, dtype=np.int16), t),  # (T k,)
-        "value": values.reshape(-1),
-        "dist_pq": np.ascontiguousarray(dists_pq, dtype=np.float32).reshape(-1),
-    }
-    exact = "CAST(NULL AS FLOAT)"
-    if dists_exact is not None:
-        frame["dist_exact"] = np.ascontiguousarray(dists_exact, dtype=np.float32).reshape(-1)
-        exact = "dist_exact"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    con = duckdb.connect()
-    try:
-        con.execute("SET preserve_insertion_order = true")  # the COPY keeps the frame's (pos, rank) order
-        con.register("frame", frame)
-        target = str(tmp).replace("'", "''")
-        con.execute(f"COPY (SELECT pos, rank, value, dist_pq, {exact} AS dist_exact FROM frame) "
-                    f"TO '{target}' (FORMAT parquet, COMPRESSION zstd)")
-        os.replace(tmp, path)
-    finally:
-        con.close()
-        tmp.unlink(missing_ok=True)
-
-
-def load_all_neighbours(path: str | Path, cur: duckdb.DuckDBPyConnection) -> StoredNeighbours:
-    """StoredNeighbours from the side file `path` (see save_all_neighbours) plus the run's per-position
-    columns from `cur`; unknown exact distances become +inf. ValueError when the file does not hold
-    T x k rows for the run's T positions."""
-    src = str(path)
-    t = int(cur.execute("SELECT count(*) FROM eval_tokens").fetchone()[0])
-    n_rows, s, n_exact = (int(v) for v in cur.execute(
-        "SELECT count(*), coalesce(max(rank), 0), count(dist_exact) FROM read_parquet(?)", [src]).fetchone())
-    if n_rows != t * s or s == 0:
-        raise ValueError(f"{Path(src).name} has {n_rows:,} rows and k = {s} (largest rank), but the run has {t:,} "
-                         f"positions: expected T x k = {t * s:,} rows")
-    cols = "value AS token_id, dist_pq AS distance_pq, coalesce(dist_exact, 'inf'::FLOAT) AS distance_exact"
-    unordered = int(cur.execute(
-        "SELECT count(*) FROM read_parquet(?, file_row_number = true) "
-        "WHERE pos::BIGINT * ? + rank - 1 <> file_row_number", [src, s]).fetchone()[0])
-    if unordered == 0:  # the writer's (pos, rank) order: reshape the file's rows (DuckDB keeps scan order)
-        nb = cur.execute(f"SELECT {cols} FROM read_parquet(?)", [src]).fetchnumpy()
-        grids = tuple(np.asarray(nb[c], dtype=d).reshape(t, s) for c, d in
-                      (("token_id", np.int32), ("distance_pq", np.float32), ("distance_exact", np.float32)))
-    else:
-        grids = _to_grid(cur.execute(f"SELECT pos, rank, {cols} FROM read_parquet(?)", [src]).fetchnumpy(), t, s)
-    return _with_positions(cur, *grids, _sources(n_rows, n_exact))
 
 
 @dataclass(frozen=True)
@@ -296,26 +265,9 @@ def rescore(
     return p_knn(data.nbr_values, dists, data.targets, k, tau, idf_weights, threads)
 
 
-def p_knn_for(data: StoredNeighbours, p: Plan, tau: float, source: str) -> np.ndarray:
-    """p_kNN (T,) following a Plan: the run's own column, or re-scored from p.k_used neighbours."""
-    if p.runs_own or p.k_used == 0:
-        return data.p_knn_run
-    return rescore(data, p.k_used, tau, source)
-
-
 def interpolate(data: StoredNeighbours, lam: float | np.ndarray, p_knn: np.ndarray | None = None) -> np.ndarray:
     """p_kNNLM (T,) = λ p_kNN + (1 − λ) p_LM; p_kNN defaults to the run's own (exact for any λ)."""
     return knn.interpolate(data.p_lm, data.p_knn_run if p_knn is None else p_knn, lam)
-
-
-def choose_tau(
-    valid: StoredNeighbours, taus: np.ndarray, lam: float, k: int | None = None, source: str = "pq"
-) -> tuple[float, np.ndarray]:
-    """(best τ, PPL per τ (G,)) on a VALIDATION split's stored neighbours: the grid value whose
-    λ-interpolated PPL is lowest (SPEC §9: τ of a whitened datastore is chosen this way)."""
-    k = valid.n_stored if k is None else k
-    ppl = np.array([overall_ppl(interpolate(valid, lam, rescore(valid, k, float(t), source))) for t in taus])
-    return float(np.asarray(taus)[int(np.argmin(ppl))]), ppl
 
 
 def lam_per_position(freq_bin: np.ndarray, lam_by_bin: dict[int, float], default: float) -> np.ndarray:

@@ -1,6 +1,6 @@
 """What-if: change λ (exact, from the run's own p_kNN), or k, τ and the distance source
-(re-scored from the stored neighbours, all k of them when the run has neighbors_all.parquet:
-exact when all k are stored, labelled approximate or not available otherwise), and try two
+(re-scored from the stored neighbours, all k of them from the run's neighbour block when its
+directory has one: exact when all k are stored, labelled approximate or not available otherwise), and try two
 mitigations: the oracle per-bin λ (an upper bound) and an IDF-weighted p_kNN
 (knnlm_core.whatif, SPEC §9)."""
 
@@ -15,13 +15,14 @@ run, info = widgets.current_run()
 st.title("What-if re-scoring")
 try:
     data = cache.neighbours(run)
-except ValueError as err:  # a side file that does not match the run
+except ValueError as err:  # a damaged neighbour block, or one that does not match the run
     widgets.fail(f"Cannot read the stored neighbours of `{run}`: {err}")
 settings = whatif.run_settings(info, data.n_stored, data.sources)
 stored, run_k = settings.n_stored, settings.k
-side = cache.all_neighbours_path(run).is_file()
-st.caption(f"Stored neighbours: {'all' if side else 'the first'} {stored} of the run's k = {run_k} per position "
-           f"({whatif.ALL_NEIGHBOURS if side else 'neighbors table'}; distances: {', '.join(data.sources)}).")
+block = cache.has_block(run)
+st.caption(f"Stored neighbours: {'all' if block else 'the first'} {stored} of the run's k = {run_k} per position "
+           f"({'the neighbour block ' + cache.BLOCK + ', memory-mapped' if block else 'neighbors table'}; "
+           f"distances: {', '.join(data.sources)}).")
 
 tau_max = max(100.0, 2 * settings.tau)
 asked = {  # URL values, each replaced by the run's own with a one-line note when unusable

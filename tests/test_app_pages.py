@@ -12,7 +12,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from knnlm_core import store
+from knnlm_core import neighbours, store
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
@@ -50,7 +50,7 @@ def test_overview(runs_env):
     assert metrics["PPL kNN-LM"] == f"{run['ppl_knnlm']:.2f}"
     per_bin, findings = at.dataframe[0].value, at.dataframe[1].value
     assert {"ppl_knnlm_ci_lo", "ppl_change_ci_hi", "n_docs", "knnlm_vs_lm"} <= set(per_bin.columns)
-    assert len(findings) == 10 and set(findings["verdict"]) <= {"✓", "✗", "–", "≈"}  # SPEC §6 rows + 2 exact-search rows
+    assert len(findings) == 12 and set(findings["verdict"]) <= {"✓", "✗", "–", "≈"}  # SPEC §6, 2 exact-search, 2 §12 rows
     assert "checkable findings hold" in _texts(at)
     assert not at.error
 
@@ -148,11 +148,10 @@ def test_whatif_page(runs_env):
     assert _metrics(at)["PPL what-if"] == f"{direct:.2f}" and "exact: the run's own p_kNN" in _texts(at)
     at.toggle(key="whatif_idf").set_value(True).run()
     assert "ppl_IDF-weighted" in at.dataframe[-1].value.columns
-    assert "approximate: k = 64 requested, 16 stored" in _texts(at)
-    # τ at the run's k: only 16 of 64 neighbours stored -> approximate, the run's own value beside
+    assert "IDF-weighted p_kNN re-scored from 64 stored neighbours per position." in _texts(at)  # all: the block
+    # τ at the run's k: all 64 neighbours in the block -> exact (without the block: tests/test_whatif.py)
     at.slider(key="tau").set_value(2.0).run()
-    assert at.warning and "approximate" in at.warning[0].value and "The run's own value" in at.warning[0].value
-    assert f"{run['ppl_knnlm']:.2f}" in at.warning[0].value and "PPL what-if (approximate)" in _metrics(at)
+    assert not at.warning and "exact: re-scored from all 64 neighbours" in _texts(at)
     # k <= stored: exact re-scoring
     at.slider(key="k").set_value(4).run()
     assert "exact: re-scored from all 4 neighbours" in _texts(at) and "PPL what-if" in _metrics(at)
@@ -165,7 +164,8 @@ def test_whatif_k_beyond_run_k_note(runs_env):
 
 
 def test_whatif_without_stored_neighbours(fresh_run, monkeypatch):
-    """A run storing no neighbours (the tiny run with its neighbors table emptied): λ only, exact."""
+    """A run storing no neighbours (the tiny run with its neighbors table emptied, no block): λ only, exact."""
+    shutil.rmtree(fresh_run / neighbours.ROOT)
     con = duckdb.connect(str(fresh_run / store.DB_NAME))
     con.execute("DELETE FROM neighbors")
     con.execute("UPDATE run SET store_neighbors = 0")

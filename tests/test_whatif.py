@@ -1,20 +1,18 @@
 """knnlm_core.whatif: re-scoring from stored neighbours against the run's own p_kNN (a
-real run storing all k neighbours, from its table and from the side file: PPL to 1e-9) and against
-a per-position loop reference (the re-scoring itself: tests/test_rescore.py);
-the side file (round trip, atomic write, row count); λ-only changes against direct
-interpolation on the shipped demo; exact / approximate / not-available plans; the page on a
-run with a side file."""
+real run storing all k neighbours in its table, and runs read through their neighbour block:
+PPL to 1e-9) and against a per-position loop reference (the re-scoring itself:
+tests/test_rescore.py); λ-only changes against direct interpolation on the shipped demo;
+exact / approximate / not-available plans; the page on a run with and without its block."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
 
-from knnlm_core import adaptive, knn, rescore, store, whatif
+from knnlm_core import adaptive, knn, neighbours, rescore, store, whatif
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DB = REPO / "data" / "runs" / "demo" / store.DB_NAME
@@ -67,7 +65,6 @@ def test_rescore_reproduces_run_when_all_k_stored(full_run):
     assert whatif.plan(int(run["k"]), float(run["temperature"]), run["distance_source"], settings).runs_own
     other = whatif.plan(8, 3.0, "exact", settings)
     assert other.exact and other.k_used == 8 and not other.runs_own
-    np.testing.assert_array_equal(whatif.p_knn_for(data, other, 3.0, "exact"), whatif.rescore(data, 8, 3.0, "exact"))
 
 
 def test_plan_labels_exact_and_approximate():
@@ -104,7 +101,7 @@ def test_lambda_only_is_exact_on_shipped_demo(demo):
     assert settings.n_stored < settings.k  # the demo stores 16 of 1024 neighbours
     p = whatif.plan(settings.k, settings.tau, settings.source, settings)
     assert p.runs_own and p.exact
-    np.testing.assert_array_equal(whatif.p_knn_for(data, p, settings.tau, settings.source), direct["p_knn"])
+    np.testing.assert_array_equal(data.p_knn_run, direct["p_knn"])
     for lam in (0.0, 0.1, 0.25, 0.5, 0.77, 1.0):
         np.testing.assert_array_equal(whatif.interpolate(data, lam), lam * direct["p_knn"] + (1 - lam) * direct["p_lm"])
     ppl = whatif.overall_ppl(whatif.interpolate(data, settings.lam))
@@ -177,156 +174,53 @@ def test_lambda_per_bin_and_ppl(tiny):
     assert whatif.overall_ppl(data.p_lm) == pytest.approx(float(run["ppl_lm"]), rel=1e-6)
 
 
-def test_choose_tau_is_the_grid_minimiser(tiny):
-    data, run = tiny
-    taus = np.array([0.5, 2.0, 10.0, 50.0])
-    best, ppl = whatif.choose_tau(data, taus, 0.25, k=8, source="exact")
-    want = [whatif.overall_ppl(0.25 * _reference(data, 8, t, "exact") + 0.75 * data.p_lm) for t in taus]
-    np.testing.assert_allclose(ppl, want, rtol=1e-12)
-    assert best == taus[int(np.argmin(want))]
-
-
-def _side_arrays(t: int, k: int, seed: int = 0):
-    """(values, dists_pq, dists_exact) (t, k) as a run writes them: ascending PQ distances, tails padded
-    with value -1 / inf, one position without neighbours, one unknown exact distance."""
-    rng = np.random.default_rng(seed)
-    values = rng.integers(0, 1000, (t, k)).astype(np.int32)
-    dq = np.sort(rng.uniform(1.0, 50.0, (t, k)).astype(np.float32), axis=1)
-    de = (dq + rng.normal(0.0, 0.1, (t, k))).astype(np.float32)
-    values[:, -2:][rng.random((t, 2)) < 0.3] = knn.PAD
-    values[1] = knn.PAD
-    dq[values == knn.PAD] = np.inf
-    de[values == knn.PAD] = np.inf
-    de[2, 3] = np.inf
-    return values, dq, de
-
-
-@pytest.fixture
-def run_cursor(tiny_run):
-    con = store.open_readonly(tiny_run / store.DB_NAME)
+def _load_block(run_dir):
+    con = store.open_readonly(run_dir / store.DB_NAME)
     try:
-        yield con.cursor()
+        block = neighbours.open_block(neighbours.block_dir(run_dir, "eval", "plain"))
+        return whatif.load_block(block, con.cursor()), con.execute("SELECT * FROM run").df().iloc[0]
     finally:
         con.close()
 
 
-def test_side_file_round_trip(run_cursor, tmp_path):
-    cur = run_cursor
-    table = whatif.load_neighbours(cur)
-    values, dq, de = _side_arrays(len(table.targets), 24)
-    side = tmp_path / whatif.ALL_NEIGHBOURS
-    whatif.save_all_neighbours(side, values, dq, de)
-    assert os.listdir(tmp_path) == [whatif.ALL_NEIGHBOURS]  # no temporary file left
-    data = whatif.load_all_neighbours(side, cur)
-    assert data.n_stored == 24 and data.sources == whatif.SOURCES
-    for got, want in [(data.nbr_values, values), (data.dists_pq, dq), (data.dists_exact, de)]:
-        np.testing.assert_array_equal(got, want)  # -1 and inf padding included
-        assert got.dtype == want.dtype
-    for col in ("targets", "p_lm", "p_knn_run", "freq_bin"):  # the run's per-position columns, as the table path
-        np.testing.assert_array_equal(getattr(data, col), getattr(table, col))
-    # the file: long format in (pos, rank) order, typed columns, ZSTD
-    types = cur.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(side)]).fetchall()
-    assert [(c[0], c[1]) for c in types] == [("pos", "INTEGER"), ("rank", "SMALLINT"), ("value", "INTEGER"),
-                                             ("dist_pq", "FLOAT"), ("dist_exact", "FLOAT")]
-    order = cur.execute("SELECT pos, rank FROM read_parquet(?)", [str(side)]).fetchnumpy()
-    t = len(values)
-    np.testing.assert_array_equal(order["pos"], np.repeat(np.arange(t), 24))
-    np.testing.assert_array_equal(order["rank"], np.tile(np.arange(1, 25), t))
-    codecs = cur.execute("SELECT DISTINCT compression FROM parquet_metadata(?)", [str(side)]).fetchall()
-    assert codecs == [("ZSTD",)]
-    # the comparison catches one corrupted value
-    bad = values.copy()
-    bad[5, 7] += 1
-    whatif.save_all_neighbours(side, bad, dq, de)
-    with pytest.raises(AssertionError):
-        np.testing.assert_array_equal(whatif.load_all_neighbours(side, cur).nbr_values, values)
-    # without exact distances: NULL in the file, +inf when loaded, and "exact" is not offered
-    whatif.save_all_neighbours(side, values, dq, None)
-    assert cur.execute("SELECT count(dist_exact) FROM read_parquet(?)", [str(side)]).fetchone()[0] == 0
-    no_exact = whatif.load_all_neighbours(side, cur)
-    assert no_exact.sources == ("pq",) and np.isinf(no_exact.dists_exact).all()
-    np.testing.assert_array_equal(no_exact.dists_pq, dq)
-    with pytest.raises(ValueError, match="source must be one of"):
-        whatif.rescore(no_exact, 4, 10.0, "exact")
-
-
-def test_side_file_in_another_order_is_read_by_pos_and_rank(run_cursor, tmp_path):
-    cur = run_cursor
-    values, dq, de = _side_arrays(int(cur.execute("SELECT count(*) FROM eval_tokens").fetchone()[0]), 6, seed=1)
-    side, shuffled = tmp_path / "in_order.parquet", tmp_path / whatif.ALL_NEIGHBOURS
-    whatif.save_all_neighbours(side, values, dq, de)
-    duckdb.execute(f"COPY (SELECT * FROM read_parquet('{side}') ORDER BY hash(pos * 7 + rank)) TO '{shuffled}' "
-                   "(FORMAT parquet)")
-    data = whatif.load_all_neighbours(shuffled, cur)
-    np.testing.assert_array_equal(data.nbr_values, values)
-    np.testing.assert_array_equal(data.dists_exact, de)
-
-
-def test_side_file_interrupted_write_leaves_no_file_and_keeps_the_old(run_cursor, tmp_path, monkeypatch):
-    cur = run_cursor
-    t = int(cur.execute("SELECT count(*) FROM eval_tokens").fetchone()[0])
-    side = tmp_path / whatif.ALL_NEIGHBOURS
-    written = []
-
-    def interrupted(src, dst):  # the temporary file is complete, the rename never happens
-        written.append(Path(src).parent == Path(dst).parent and Path(src).stat().st_size > 0)
-        raise KeyboardInterrupt
-
-    values, dq, de = _side_arrays(t, 8)
-    monkeypatch.setattr(whatif.os, "replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        whatif.save_all_neighbours(side, values, dq, de)
-    assert written == [True] and os.listdir(tmp_path) == []
-    monkeypatch.undo()
-    whatif.save_all_neighbours(side, values, dq, de)  # the file a reader may hold
-    before = side.read_bytes()
-    monkeypatch.setattr(whatif.os, "replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        whatif.save_all_neighbours(side, *_side_arrays(t, 8, seed=2))
-    assert side.read_bytes() == before and os.listdir(tmp_path) == [whatif.ALL_NEIGHBOURS]
-    np.testing.assert_array_equal(whatif.load_all_neighbours(side, cur).nbr_values, values)
-
-
-def test_side_file_row_count_must_match_the_run(run_cursor, tmp_path):
-    cur = run_cursor
-    t = int(cur.execute("SELECT count(*) FROM eval_tokens").fetchone()[0])
-    side = tmp_path / whatif.ALL_NEIGHBOURS
-    values, dq, de = _side_arrays(t - 1, 8)
-    whatif.save_all_neighbours(side, values, dq, de)
-    with pytest.raises(ValueError, match=rf"{(t - 1) * 8:,} rows .* run has {t:,} positions: expected T x k"):
-        whatif.load_all_neighbours(side, cur)
-
-
-def test_side_file_reproduces_run_ppl_and_makes_tau_changes_exact(full_run, tmp_path):
-    """All k neighbours through the side file: at the run's k, τ and source the re-scored p_kNN equals the
-    pipeline's float64 softmax (eval_tokens.p_knn) per position and the run's PPL, both to 1e-9."""
-    table, run = _load(full_run)
-    side = tmp_path / whatif.ALL_NEIGHBOURS
-    whatif.save_all_neighbours(side, table.nbr_values, table.dists_pq, table.dists_exact)
-    con = store.open_readonly(full_run / store.DB_NAME)
-    try:
-        data = whatif.load_all_neighbours(side, con.cursor())
-    finally:
-        con.close()
+@pytest.mark.parametrize("which", ["tiny", "tiny-exact"])
+def test_block_reproduces_run_ppl_and_makes_tau_changes_exact(runs_root, which):
+    """All k neighbours through the run's neighbour block (the run stores only 16 in its table): at the run's
+    k, τ and source the re-scored p_kNN equals the pipeline's float64 softmax (eval_tokens.p_knn) per position
+    and the run's PPL, both to 1e-9; a corrupted distance is caught."""
+    data, run = _load_block(runs_root / which)
+    assert int(run["store_neighbors"]) < int(run["k"]) and isinstance(data.nbr_values, neighbours.Column)
     k, tau, source, lam = int(run["k"]), float(run["temperature"]), run["distance_source"], float(run["lambda"])
     assert data.n_stored == k
     p = whatif.rescore(data, k, tau, source)
     np.testing.assert_allclose(p, data.p_knn_run, rtol=1e-9, atol=0)
-    dists = data.dists_pq if source == "pq" else data.dists_exact
-    np.testing.assert_allclose(p, knn.p_knn_of(dists, data.nbr_values, data.targets, tau), rtol=1e-9, atol=0)
+    dists = (data.dists_pq if source == "pq" else data.dists_exact)[:]  # the block column, read whole here
+    np.testing.assert_allclose(p, knn.p_knn_of(dists, data.nbr_values[:], data.targets, tau), rtol=1e-9, atol=0)
     ppl = whatif.overall_ppl(whatif.interpolate(data, lam, p))
     assert ppl == pytest.approx(float(run["ppl_knnlm"]), rel=1e-9)
     settings = whatif.run_settings(run.to_dict(), data.n_stored, data.sources)
     for other in [whatif.plan(k, 2.0, source, settings), whatif.plan(17, tau, "exact", settings)]:
         assert other.exact and other.k_used == other.k and other.label.startswith("exact: re-scored")
     # the comparison catches one corrupted distance of a position whose target is among its neighbours
-    row = int(np.flatnonzero(data.match.any(axis=1) & (data.p_knn_run < 0.99))[0])
+    row = int(np.flatnonzero(data.match.any(axis=1) & (data.p_knn_run > 1e-6) & (data.p_knn_run < 0.99))[0])
     bad_d = dists.copy()
-    bad_d[row, np.flatnonzero(data.match[row])[0]] *= 1.001
-    bad = whatif.from_arrays(data.nbr_values, bad_d, bad_d, data.targets, data.p_lm, data.p_knn_run,
+    bad_d[row, np.flatnonzero(data.match[row])[0]] += 0.05 * tau  # (a distance may be 0: add, not scale)
+    bad = whatif.from_arrays(data.nbr_values[:], bad_d, bad_d, data.targets, data.p_lm, data.p_knn_run,
                              data.freq_bin, data.type_freq)
     with pytest.raises(AssertionError):
-        np.testing.assert_allclose(whatif.rescore(bad, k, tau, "pq"), data.p_knn_run, rtol=1e-9, atol=0)
+        np.testing.assert_allclose(whatif.rescore(bad, k, tau, source), data.p_knn_run, rtol=1e-9, atol=0)
+
+
+def test_a_block_of_another_run_is_refused(runs_root, tiny_run, tmp_path):
+    arrays = {n: np.zeros((3, 4), dtype) for n, dtype in neighbours.COLUMNS.items()}
+    neighbours.write_shard(tmp_path, 0, 0, **arrays)
+    neighbours.finish(tmp_path, [(0, 3)], 4)
+    con = store.open_readonly(tiny_run / store.DB_NAME)
+    try:
+        with pytest.raises(ValueError, match="has 3 rows but the run has"):
+            whatif.load_block(neighbours.open_block(tmp_path), con.cursor())
+    finally:
+        con.close()
 
 
 def test_plan_without_exact_distances_is_not_available():
@@ -335,9 +229,6 @@ def test_plan_without_exact_distances_is_not_available():
     p = whatif.plan(1024, 10.0, "exact", s)
     assert not p.exact and not p.runs_own and p.k_used == 0 and p.label.startswith("not available")
     assert "no exact distances" in p.label and "run's own p_kNN" in p.label
-    data = whatif.from_arrays(np.zeros((3, 2), np.int32), np.ones((3, 2)), np.full((3, 2), np.inf), np.zeros(3),
-                              np.full(3, 0.5), np.full(3, 0.25), np.zeros(3), np.ones(1), sources=("pq",))
-    np.testing.assert_array_equal(whatif.p_knn_for(data, p, 10.0, "exact"), data.p_knn_run)
 
 
 @pytest.fixture(scope="module")
@@ -372,18 +263,16 @@ def test_rescore_equals_float64_softmax_at_run_settings(mixed):
         assert ppl == pytest.approx(whatif.overall_ppl(whatif.interpolate(mixed, 0.25, ref)), rel=1e-9)
 
 
-def test_page_reads_the_side_file(full_run, tmp_path, monkeypatch):
-    """The What-if page on a run with neighbors_all.parquet (no exact distances): τ changes at the run's k are
-    exact, the exact source is labelled not available."""
+def test_page_reads_the_block(tiny_run, tmp_path, monkeypatch):
+    """The What-if page on a run directory with its neighbour block: τ and k changes at any k <= the run's are
+    exact, for both distance sources; without the block (a shipped run) they are approximate."""
     import shutil
 
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    shutil.copytree(full_run, tmp_path / "full")
-    table, run = _load(tmp_path / "full")
-    assert run["distance_source"] == "pq"
-    whatif.save_all_neighbours(tmp_path / "full" / whatif.ALL_NEIGHBOURS, table.nbr_values, table.dists_pq, None)
+    shutil.copytree(tiny_run, tmp_path / "full")
+    _, run = _load_block(tmp_path / "full")
     monkeypatch.setenv("KNNLM_RUNS_DIR", str(tmp_path))
     st.cache_data.clear()
     st.cache_resource.clear()
@@ -395,10 +284,16 @@ def test_page_reads_the_side_file(full_run, tmp_path, monkeypatch):
         at.query_params["tau"] = "2.0"
         at.run()
         texts = " ".join(str(e.value) for kind in (at.caption, at.warning, at.info) for e in kind)
-        assert not at.exception and whatif.ALL_NEIGHBOURS in texts and "distances: pq)" in texts
+        assert not at.exception and "neighbour block" in texts and "distances: pq, exact)" in texts
         assert f"exact: re-scored from all {int(run['k'])} neighbours" in texts and not at.warning
         at.radio(key="whatif_source").set_value("exact").run()
-        assert not at.exception and at.warning and "not available" in at.warning[0].value
+        texts = " ".join(str(e.value) for kind in (at.caption, at.warning, at.info) for e in kind)
+        assert not at.exception and not at.warning and "exact: re-scored" in texts
+        shutil.rmtree(tmp_path / "full" / neighbours.ROOT)  # as shipped: the database alone
+        st.cache_resource.clear()
+        at.run()
+        texts = " ".join(str(e.value) for kind in (at.caption, at.warning, at.info) for e in kind)
+        assert not at.exception and "neighbors table" in texts and "approximate" in texts
     finally:
         st.cache_data.clear()
         st.cache_resource.clear()

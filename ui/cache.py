@@ -11,8 +11,11 @@ import duckdb
 import numpy as np
 import streamlit as st
 
+from knnlm_core import neighbours as neighbours_mod
 from knnlm_core import queries, store, whatif
 from ui.params import runs_root
+
+BLOCK = f"{neighbours_mod.ROOT}/eval-plain"  # the block the What-if re-scores, relative to the run directory
 
 
 def db_path(run: str) -> Path:
@@ -59,26 +62,26 @@ def run_info(run: str) -> dict:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading stored neighbours…")
-def _neighbours(path: str, mtime_ns: int, side_mtime_ns: int) -> whatif.StoredNeighbours:
-    """Per-position neighbour arrays of a run: all k from its side file when present (side_mtime_ns > 0),
-    else the `neighbors` table (shared: never mutate the arrays; rescore caches its summaries on it)."""
+def _neighbours(path: str, mtime_ns: int, block_mtime_ns: int) -> whatif.StoredNeighbours:
+    """Per-position neighbour arrays of a run: all k from its neighbour block when present (block_mtime_ns > 0;
+    memory-mapped), else the `neighbors` table (shared: never mutate the arrays)."""
     cur = _connection(path, mtime_ns).cursor()
-    if side_mtime_ns:
-        return whatif.load_all_neighbours(Path(path).parent / whatif.ALL_NEIGHBOURS, cur)
+    if block_mtime_ns:
+        return whatif.load_block(neighbours_mod.open_block(Path(path).parent / BLOCK), cur)
     return whatif.load_neighbours(cur)
 
 
 def neighbours(run: str) -> whatif.StoredNeighbours:
-    """Stored neighbour arrays of a run (cached as a resource: no copy per rerun); ValueError when the
-    side file does not match the run."""
-    return _neighbours(*run_key(run), _side_mtime(run))
+    """Stored neighbour arrays of a run (cached as a resource: no copy per rerun); ValueError when its
+    neighbour block is damaged or does not match the run."""
+    return _neighbours(*run_key(run), _block_mtime(run))
 
 
 @st.cache_data(max_entries=32, show_spinner="Re-scoring…")
-def _rescored(path: str, mtime_ns: int, side_mtime_ns: int, k: int, tau: float, source: str,
+def _rescored(path: str, mtime_ns: int, block_mtime_ns: int, k: int, tau: float, source: str,
               use_idf: bool) -> np.ndarray:
     """p_kNN(target) (T,) recomputed from the stored neighbours."""
-    data = _neighbours(path, mtime_ns, side_mtime_ns)
+    data = _neighbours(path, mtime_ns, block_mtime_ns)
     n_entries = int(_connection(path, mtime_ns).cursor().execute("SELECT n_entries FROM run").fetchone()[0])
     weights = whatif.idf(data.type_freq, n_entries) if use_idf else None
     return whatif.rescore(data, k, tau, source, weights)
@@ -86,7 +89,7 @@ def _rescored(path: str, mtime_ns: int, side_mtime_ns: int, k: int, tau: float, 
 
 def rescored(run: str, k: int, tau: float, source: str, use_idf: bool = False) -> np.ndarray:
     """Cached what-if p_kNN of a run for (k, tau, source, idf)."""
-    return _rescored(*run_key(run), _side_mtime(run), int(k), float(tau), str(source), bool(use_idf))
+    return _rescored(*run_key(run), _block_mtime(run), int(k), float(tau), str(source), bool(use_idf))
 
 
 def clear() -> None:
@@ -113,12 +116,12 @@ def tokenizer(info: dict):
     return _light_tokenizer(str(resolve_path(cfg.get("tokenizer") or cfg.get("model") or "")))
 
 
-def all_neighbours_path(run: str) -> Path:
-    """The run's side file of all k neighbours per position (whatif.ALL_NEIGHBOURS; may not exist)."""
-    return db_path(run).parent / whatif.ALL_NEIGHBOURS
+def has_block(run: str) -> bool:
+    """Whether the run directory holds its (eval, plain) neighbour block (shipped runs keep only the database)."""
+    return _block_mtime(run) > 0
 
 
-def _side_mtime(run: str) -> int:
-    """mtime_ns of the run's side file, 0 when it is absent (part of the neighbour cache key)."""
-    path = all_neighbours_path(run)
+def _block_mtime(run: str) -> int:
+    """mtime_ns of the run's block listing, 0 when there is none (part of the neighbour cache key)."""
+    path = db_path(run).parent / BLOCK / neighbours_mod.LISTING
     return path.stat().st_mtime_ns if path.is_file() else 0
