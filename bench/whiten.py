@@ -32,9 +32,9 @@ from bench.common import BenchParser, DefaultsHelp, count, factory, size  # noqa
 from bench.index import synthetic_keys  # noqa: E402
 from knnlm_core import whiten  # noqa: E402
 from knnlm_core.keystore import open_keys  # noqa: E402
+from knnlm_core.whiten import WhitenedKeys  # noqa: E402
 from precompute.runner import Shards  # noqa: E402
 from precompute.stages.index import build_index  # noqa: E402
-from knnlm_core.whiten import WhitenedKeys  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -41,9 +41,9 @@ from precompute.stages.exact import stage_exact
 from precompute.stages.index import stage_index
 from precompute.stages.mitigate import TAU_GRID, stage_mitigate
 from precompute.stages.search import outputs as search_outputs
+from precompute.stages.search import stage_search
 from precompute.stages.suffix import OUTPUTS as SUFFIX_OUTPUTS
 from precompute.stages.suffix import stage_suffix
-from precompute.stages.search import stage_search
 from precompute.stages.tokenize import stage_tokenize
 from precompute.stages.types import stage_types
 from precompute.stages.whiten import stage_whiten, whiten_outputs

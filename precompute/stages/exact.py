@@ -15,9 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from knnlm_core import neighbours
-from knnlm_core.store import RECALL_KS
 from knnlm_core.knn import p_knn_from_weights, recall_at, softmax_weights, target_stats
 from knnlm_core.metrics import EXACT_BLOCK_BYTES
+from knnlm_core.store import RECALL_KS
 from precompute.executor import Progress, ShardJob, executor_of
 from precompute.runner import Run, concat_shards, save_npz, shard_ranges, stage_shards
 from precompute.search import exact_rows
