@@ -15,6 +15,7 @@ from ui.render import md_code
 PAGES = [
     st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", url_path="overview", default=True),
     st.Page("pages/bins.py", title="Frequency bins", icon=":material/bar_chart:", url_path="bins"),
+    st.Page("pages/novelty.py", title="Context novelty", icon=":material/grid_on:", url_path="novelty"),
     st.Page("pages/tokens.py", title="Token explorer", icon=":material/search:", url_path="tokens"),
     st.Page("pages/neighbors.py", title="Neighbour inspector", icon=":material/hub:", url_path="neighbors"),
     st.Page("pages/exact.py", title="Exact vs PQ", icon=":material/compare:", url_path="exact"),

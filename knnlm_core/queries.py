@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from knnlm_core import intervals
+from knnlm_core import bootstrap as bs
+from knnlm_core import infgram, intervals
 from knnlm_core.bins import bin_labels
 from knnlm_core.store import HIT_KS
 
@@ -315,16 +316,31 @@ def top_predictions(cur: duckdb.DuckDBPyConnection, pos: int, which: str) -> pd.
 
 
 def neighbors(cur: duckdb.DuckDBPyConnection, pos: int, width: int = 12) -> pd.DataFrame:
-    """Stored neighbours of `pos` with rank, entry, value token, distances and each entry's
-    left context (datastore_tokens pos in [entry - width + 1, entry]) in one set-based query."""
+    """Stored neighbours of `pos` with rank, entry, value token, distances, context overlap with the
+    query (SPEC §12) and whether that makes it a copy neighbour (overlap >= infgram.COPY_MIN_OVERLAP),
+    and each entry's left context (datastore_tokens pos in [entry - width + 1, entry]) in one set-based query."""
     sql = """
-    WITH n AS (SELECT rank, entry, token_id, distance_pq, distance_exact FROM neighbors WHERE pos = ?),
+    WITH n AS (SELECT rank, entry, token_id, distance_pq, distance_exact, overlap FROM neighbors WHERE pos = ?),
     o AS (SELECT n.rank, n.entry - r.off AS dpos FROM n JOIN range(0, ?) r(off) ON TRUE WHERE n.entry - r.off >= 0),
     c AS (SELECT o.rank, string_agg(coalesce(v.token, '?'), '' ORDER BY o.dpos) AS context
           FROM o JOIN datastore_tokens d ON d.pos = o.dpos
           LEFT JOIN vocab v ON v.token_id = d.token_id GROUP BY o.rank)
-    SELECT n.rank, n.entry, n.token_id, v.token, n.distance_pq, n.distance_exact, c.context
+    SELECT n.rank, n.entry, n.token_id, v.token, n.distance_pq, n.distance_exact, n.overlap,
+           n.overlap >= ? AS copy, c.context
     FROM n LEFT JOIN vocab v USING (token_id) LEFT JOIN c USING (rank) ORDER BY n.rank
+    """
+    return _df(cur, sql, [int(pos), int(width), infgram.COPY_MIN_OVERLAP])
+
+
+def neighbor_context_tokens(cur: duckdb.DuckDBPyConnection, pos: int, width: int) -> pd.DataFrame:
+    """Per stored neighbour of `pos` (rank, overlap): its entry's left context as a list of decoded
+    tokens (`tokens`, datastore_tokens entry - width + 1 .. entry, oldest first), for the overlap highlight."""
+    sql = """
+    WITH n AS (SELECT rank, entry, overlap FROM neighbors WHERE pos = ?),
+    o AS (SELECT n.rank, n.entry - r.off AS dpos FROM n JOIN range(0, ?) r(off) ON TRUE WHERE n.entry - r.off >= 0)
+    SELECT n.rank, n.overlap, list(coalesce(v.token, '?') ORDER BY o.dpos) AS tokens
+    FROM n JOIN o USING (rank) JOIN datastore_tokens d ON d.pos = o.dpos
+    LEFT JOIN vocab v ON v.token_id = d.token_id GROUP BY n.rank, n.overlap ORDER BY n.rank
     """
     return _df(cur, sql, [int(pos), int(width)])
 
@@ -622,3 +638,121 @@ def doc_ids(cur: duckdb.DuckDBPyConnection) -> np.ndarray:
     """(T,) int32 document of every evaluation position (SPEC §11), in position order."""
     return _df(cur, "SELECT doc_id FROM eval_tokens ORDER BY pos")["doc_id"].to_numpy(np.int32)
 
+
+
+# --------------------------------------------------------------------------- context novelty (SPEC §12, issue 17)
+
+# Index into infgram.CTX_BIN_LABELS of ctx_match_len, as infgram.ctx_len_bin computes it (one count per left edge).
+CTX_BIN_SQL = "(" + " + ".join(f"(ctx_match_len >= {int(edge)})::INTEGER" for edge in infgram.CTX_BINS[1:]) + ")"
+CELL_STRIDE = 8  # group key of a two-way cell: (freq_bin + 1) * CELL_STRIDE + L_t bin (fewer than 8 L_t bins)
+INFGRAM = "infgram"  # the ∞-gram interpolation variant of the mitigation tables
+NOVEL_MAX_LEN = 1  # a novel context: L_t <= 1 (at most the last context token occurs in the datastore)
+FOUND_MIN_LEN = infgram.COPY_MIN_OVERLAP  # a context found in the datastore: L_t >= 4, the copy-neighbour threshold
+
+
+def has_infgram(cur: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the run carries the ∞-gram interpolation variant (built with a validation corpus)."""
+    if not has_mitigations(cur):
+        return False
+    return bool(cur.execute("SELECT count(*) FROM mitigations WHERE variant = ?", [INFGRAM]).fetchone()[0])
+
+
+def _novelty_source(cur: duckdb.DuckDBPyConnection, by_freq: bool, with_inf: bool) -> tuple[str, list]:
+    """SQL subquery over eval_tokens with `ctx_bin`, the group key `cell` (two-way when by_freq, else the
+    L_t bin) and, with_inf, `nll_inf`: the NLL of the ∞-gram interpolation read like any variant; and its params."""
+    cell = f"(freq_bin + 1) * {CELL_STRIDE} + {CTX_BIN_SQL}" if by_freq else CTX_BIN_SQL
+    if not with_inf:
+        return f"(SELECT *, {CTX_BIN_SQL} AS ctx_bin, {cell} AS cell FROM eval_tokens)", []
+    p_inf, lam, params = _variant_sql(cur, INFGRAM)
+    sql = f"""(SELECT e.*, {CTX_BIN_SQL} AS ctx_bin, {cell} AS cell, -ln({lam} * {p_inf} + (1 - {lam}) * e.p_lm) AS nll_inf
+               FROM eval_tokens e LEFT JOIN mitigation_tokens m USING (pos))"""
+    return sql, params * 2  # λ appears twice
+
+
+def _gain_share(frame: pd.DataFrame, n_documents: int, group: str) -> pd.DataFrame:
+    """Per group of a doc_sums frame (columns doc_id, group, n_tokens, gain): `share_of_gain` = the group's
+    sum of NLL gain / the sum over all groups, with a block-bootstrap percentile interval on the same
+    document draws as bootstrap.intervals. NaN when the total gain is not positive (no net gain to
+    share); no interval when a resample's total is not positive or the group is under MIN_TOKENS / MIN_DOCS."""
+    groups, sums = bs.pivot(frame, ["n_tokens", "gain"], n_documents, group)
+    n, gain = sums["n_tokens"], sums["gain"]  # (D, G)
+    counts = bs.doc_counts(bs.draw_documents(n_documents), n_documents)  # (B, D)
+    boot = counts @ gain  # (B, G)
+    boot_total = boot.sum(axis=1, keepdims=True)
+    total = gain.sum()
+    share = gain.sum(axis=0) / total if total > 0 else np.full(len(groups), np.nan)
+    lo, hi = bs.percentile_interval(np.where(boot_total > 0, boot / np.where(boot_total > 0, boot_total, 1), np.nan))
+    small = (n.sum(axis=0) < bs.MIN_TOKENS) | ((n > 0).sum(axis=0) < bs.MIN_DOCS) | bool((boot_total <= 0).any())
+    return pd.DataFrame({group: groups, "share_of_gain": share, "share_of_gain_ci_lo": np.where(small, np.nan, lo),
+                         "share_of_gain_ci_hi": np.where(small, np.nan, hi)})
+
+
+def novelty_summary(cur: duckdb.DuckDBPyConnection, run_k: int, by_freq: bool = True) -> pd.DataFrame:
+    """SPEC §12 two-way view: per (target-frequency bin × context-match-length bin) cell, or per L_t bin
+    alone (by_freq False): n_tokens, n_docs, PPL LM / kNN-LM, kNN-LM's paired PPL change (`ppl_change`,
+    verdict `knnlm_vs_lm`), share harmed (NLL kNN-LM > NLL LM), mean gain, hit@k, the cell's share of the
+    total NLL gain (`share_of_gain`), the mean copy share over the cell's positions with p_kNN > 0
+    (`n_copy_share` of them) and, when the run has the ∞-gram variant, the ∞-gram interpolation's PPL,
+    its change vs the LM and kNN-LM's change vs it (`knnlm_vs_infgram`). Every figure carries its SPEC §11
+    interval (`*_ci_lo`, `*_ci_hi`); all are resampled on the same document draws."""
+    with_inf = has_infgram(cur)
+    source, params = _novelty_source(cur, by_freq, with_inf)
+    ks = hit_ks_for(run_k)
+    sums = {"nll_lm": "nll_lm", "nll_knnlm": "nll_knnlm", "gain": "gain", "harmed": "(nll_knnlm > nll_lm)::INTEGER",
+            **{f"hit_{k}": f"hit_{k}::INTEGER" for k in ks}}
+    figures = [bs.ppl("ppl_lm", "nll_lm"), bs.ppl("ppl_knnlm", "nll_knnlm"),
+               bs.ppl_change("ppl_change", "nll_knnlm", "nll_lm"), bs.mean("share_harmed", "harmed"),
+               bs.mean("mean_gain", "gain"), *[bs.mean(f"hit_{k}", f"hit_{k}") for k in ks]]
+    if with_inf:
+        sums["nll_inf"] = "nll_inf"
+        figures += [bs.ppl("ppl_infgram", "nll_inf"), bs.ppl_change("infgram_change", "nll_inf", "nll_lm"),
+                    bs.ppl_change("knnlm_vs_infgram_change", "nll_knnlm", "nll_inf")]
+    docs = intervals.n_docs(cur)
+    frame = intervals.doc_sums(cur, sums, source=source, params=params, group="cell")
+    out = intervals.add_verdict(bs.intervals(frame, figures, docs, group="cell"), "ppl_change", "knnlm_vs_lm")
+    if with_inf:
+        intervals.add_verdict(out, "knnlm_vs_infgram_change", "knnlm_vs_infgram", "kNN-LM lower", "kNN-LM higher")
+    copies = intervals.doc_sums(cur, {"copy_share": "copy_share"}, source=source, where="copy_share IS NOT NULL",
+                                params=params, group="cell")
+    copy = bs.intervals(copies, [bs.mean("mean_copy_share", "copy_share")], docs, group="cell")
+    copy = copy.rename(columns={"n_tokens": "n_copy_share"}).drop(columns=["n_docs", "ci_note"])
+    out = out.merge(_gain_share(frame, docs, "cell"), on="cell", how="left").merge(copy, on="cell", how="left")
+    out["n_copy_share"] = out["n_copy_share"].fillna(0).astype(np.int64)
+    cell = out.pop("cell").to_numpy(np.int64)
+    ctx_bin = cell % CELL_STRIDE if by_freq else cell
+    labels = {"ctx_bin": ctx_bin, "L_t": [infgram.CTX_BIN_LABELS[b] for b in ctx_bin]}
+    if by_freq:
+        labels = {"freq_bin": cell // CELL_STRIDE - 1, "bin": bin_labels(cell // CELL_STRIDE - 1), **labels}
+    return pd.concat([pd.DataFrame(labels), out], axis=1)
+
+
+def novelty_findings(cur: duckdb.DuckDBPyConnection) -> dict:
+    """The numbers behind the two SPEC §12 findings rows (ui.findings), each with its SPEC §11 interval:
+
+    `found`: positions whose context occurs in the datastore (L_t >= FOUND_MIN_LEN) against the others —
+    their share of tokens, of the total NLL gain (`share_of_gain` with interval), their mean gain and
+    mean copy share (with intervals) per side; `novel_rare` / `found_rare`: kNN-LM vs the LM on rare
+    targets (intervals.GROUPS['rare'] bins, 1 <= freq < 1,000) in novel contexts (L_t <= NOVEL_MAX_LEN)
+    and in found ones (intervals.overall_intervals: PPLs, paired change, verdict, n; {} when empty)."""
+    source = f"(SELECT *, (ctx_match_len >= {int(FOUND_MIN_LEN)})::INTEGER AS found FROM eval_tokens)"
+    docs = intervals.n_docs(cur)
+    frame = intervals.doc_sums(cur, {"gain": "gain"}, source=source, group="found")
+    sides = bs.intervals(frame, [bs.mean("mean_gain", "gain")], docs, group="found")
+    copies = intervals.doc_sums(cur, {"copy_share": "copy_share"}, source=source, where="copy_share IS NOT NULL",
+                                group="found")
+    copy = bs.intervals(copies, [bs.mean("mean_copy_share", "copy_share")], docs, group="found")
+    sides = sides.merge(_gain_share(frame, docs, "found"), on="found", how="left")
+    sides = sides.merge(copy[["found", "mean_copy_share", "mean_copy_share_ci_lo", "mean_copy_share_ci_hi"]],
+                        on="found", how="left")
+    n_total = int(frame["n_tokens"].sum())
+    by_side = {int(r["found"]): r for r in sides.to_dict("records")}
+    rare_lo, rare_hi = intervals.GROUPS["rare"]
+    rare = "freq_bin BETWEEN ? AND ? AND ctx_match_len "
+    return {
+        "min_len": int(FOUND_MIN_LEN), "novel_max_len": int(NOVEL_MAX_LEN), "n_tokens": n_total,
+        "total_gain": float(frame["gain"].sum()), "n_docs": int(frame.loc[frame["n_tokens"] > 0, "doc_id"].nunique()),
+        "found": {**by_side[1], "token_share": by_side[1]["n_tokens"] / n_total} if 1 in by_side else {},
+        "other": by_side.get(0, {}),
+        "novel_rare": intervals.overall_intervals(cur, rare + "<= ?", [rare_lo, rare_hi, int(NOVEL_MAX_LEN)]),
+        "found_rare": intervals.overall_intervals(cur, rare + ">= ?", [rare_lo, rare_hi, int(FOUND_MIN_LEN)]),
+    }

@@ -45,6 +45,11 @@ st.caption(
     f"evaluation tokens. The **{ORACLE}** per-frequency-bin λ is fitted on the evaluation targets' own bins, which "
     "are unknown at test time: a bound on what any bin-wise λ could do, not a mitigation."
 )
+st.caption(
+    "**∞-gram interpolation** (SPEC §12, a baseline, not a kNN-LM variant): λ_∞ p_∞ + (1 − λ_∞) p_LM, p_∞ the "
+    "∞-gram estimate from the datastore's own text (Liu et al. 2024), λ_∞ chosen on the validation corpus; no "
+    "neighbour search and no τ. Per context-match-length bin on the Context novelty page."
+)
 
 table = mitigations.variants_table(variants, totals, per_variant[ORACLE], info["temperature"])
 st.dataframe(table, hide_index=True)

@@ -1,12 +1,15 @@
-"""Neighbour inspector (`?pos=`): one evaluation position's context, p_LM / p_kNN / p_kNNLM,
-LM vs kNN top predictions, and its stored neighbours with their datastore contexts."""
+"""Neighbour inspector (`?pos=`): one evaluation position's context (its last L_t tokens marked as
+occurring in the datastore), p_LM / p_kNN / p_kNNLM, the ∞-gram estimate, LM vs kNN top predictions,
+and its stored neighbours with their datastore contexts, each neighbour's context overlap with the
+query highlighted and copy neighbours marked (SPEC §12)."""
 
 import numpy as np
 import streamlit as st
 
+from knnlm_core import infgram
 from ui import cache, figures, widgets
 from ui.params import parse_int
-from ui.render import context_html, fmt_p, show_token
+from ui.render import context_html, fmt_p, neighbour_context_html, show_token
 
 run, info = widgets.current_run()
 st.title("Neighbour inspector")
@@ -21,10 +24,12 @@ row = cache.q(run, "eval_row", pos)
 if not row:
     widgets.fail(f"Position {pos} is not in this run's evaluation set.")
 ctx = cache.q(run, "eval_context", pos, 64)
-st.markdown(context_html(list(ctx["token"].fillna("?")), row["token"]), unsafe_allow_html=True)
+match_len = int(row["ctx_match_len"])
+st.markdown(context_html(list(ctx["token"].fillna("?")), row["token"], match_len), unsafe_allow_html=True)
 st.caption(
     f"Target {show_token(row['token'])} (id {row['token_id']}, datastore freq {row['freq']:,}); "
-    f"last context token freq {row['context_freq']:,}."
+    f"last context token freq {row['context_freq']:,}. Underlined in green: the last L_t = {match_len} context tokens, "
+    "the longest context suffix that occurs in the datastore's token stream."
 )
 
 c = st.columns(5)
@@ -33,6 +38,17 @@ c[1].metric("p_kNN", fmt_p(row["p_knn"]))
 c[2].metric("p_kNN-LM", fmt_p(row["p_knnlm"]))
 c[3].metric("gain (nats)", f"{row['gain']:+.3f}")
 c[4].metric("query PQ error", f"{row['query_pq_error']:.4g}")
+c = st.columns(4)
+c[0].metric("context match length L_t", f"{match_len}")
+c[1].metric("p_∞ (∞-gram)", fmt_p(row["p_inf"]))
+c[2].metric("∞-gram suffix |s| · count(s ·)", f"{int(row['inf_suffix_len'])} · {int(row['inf_count']):,}")
+share = row["copy_share"]
+c[3].metric("copy share of p_kNN", "n/a (p_kNN = 0)" if share is None or share != share else f"{share:.1%}")
+st.caption(
+    f"SPEC §12: p_∞ = count(s y) / count(s ·) for the longest context suffix s followed by a token in the datastore "
+    f"(|s| = 0: the unigram over the entries' values). Copy share: the share of p_kNN carried by neighbours whose "
+    f"context overlaps the query's by ≥ {infgram.COPY_MIN_OVERLAP} tokens, over all k = {info['k']} neighbours."
+)
 rank = row["target_rank"]
 st.caption(
     f"Target rank among the k = {info['k']} neighbours: {'none' if rank is None or rank != rank else int(rank)}; "
@@ -65,6 +81,18 @@ st.dataframe(
     },
 )
 widgets.csv_button(nb, f"{run}-pos-{pos}-neighbours")
+
+st.subheader("Context overlap with the query")
+width = min(infgram.MAX_LEN, max(16, int(nb["overlap"].max()) + 4))
+contexts = cache.q(run, "neighbor_context_tokens", pos, width).merge(nb[["rank", "token", "copy"]], on="rank")
+st.caption(
+    f"Each neighbour's last {width} context tokens; highlighted: the tokens its context shares with the query's "
+    f"(the longest common suffix, `overlap`). A **copy** neighbour overlaps by ≥ {infgram.COPY_MIN_OVERLAP} tokens: "
+    f"it was likely retrieved because its context repeats the query's. Copy neighbours here: "
+    f"{int(nb['copy'].sum())} of {len(nb)}."
+)
+st.markdown("".join(neighbour_context_html(r.rank, list(r.tokens), r.overlap, r.token, r.copy)
+                    for r in contexts.itertuples()), unsafe_allow_html=True)
 
 if cache.q(run, "has_exact"):
     ex = cache.q(run, "exact_neighbors", pos, 12).copy()

@@ -1,5 +1,5 @@
 """Overview: the run card, overall perplexity, PPL per frequency bin, and the paper's
-findings (SPEC §6) checked on this run."""
+findings (SPEC §6, §8) and the context-novelty rows (SPEC §12) checked on this run."""
 
 import streamlit as st
 
@@ -44,7 +44,7 @@ st.subheader("The paper's findings on this run")
 exact = cache.q(run, "exact_bin_summary", k, float(info["lambda"])) if cache.q(run, "has_exact") else None
 checks = findings.evaluate(
     bins, k, cache.q(run, "corr_pq_error_gain"), cache.q(run, "corr_context_freq"), cache.q(run, "corr_freq_pq_error"),
-    exact,
+    exact, cache.q(run, "novelty_findings"),
 )
 table = findings.to_frame(checks)
 n_ok = sum(f.ok is True for f in checks)
@@ -54,7 +54,9 @@ st.markdown(f"**{n_ok} of {n_eval}** checkable findings hold on this run" +
             (f"; {n_ns} show no significant difference (≈)." if n_ns else "."))
 st.caption("Per-bin claims are decided by 95% block-bootstrap intervals over evaluation documents (SPEC §11): ✓ / ✗ "
            "only when the interval of the difference excludes 0. Contamination is a per-type mean without an "
-           "interval; the correlations carry their p-values.")
+           "interval; the correlations carry their p-values. The last two rows test the context-novelty reading of "
+           "the crisis (SPEC §12, Context novelty page): L_t is the length of the longest context suffix found in the "
+           "datastore, and the share of the gain is decided by its own interval (> 50%).")
 st.dataframe(table, hide_index=True, column_config={"verdict": st.column_config.TextColumn(width="small")})
 for f in checks:
     if f.note:

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PAGE_TITLES = {  # page -> its st.title (AppTest and browser tests check that a page was drawn)
     "overview": "kNN-LM long-tail diagnostics",
     "bins": "Frequency bins",
+    "novelty": "Context novelty",
     "tokens": "Token explorer",
     "neighbors": "Neighbour inspector",
     "exact": "Exact vs PQ search",

@@ -189,3 +189,55 @@ def variant_change_by_bin(compared: pd.DataFrame, names: dict[str, str] | None =
     bins = compared[["freq_bin", "bin"]].drop_duplicates().sort_values("freq_bin")
     return _bin_layout(fig, bins, "PPL change vs plain kNN-LM per bin (below 0 = the variant helps)",
                        "Δ PPL vs plain (%)")
+
+
+GAIN_SCALES = {"lower": "RdBu_r", "higher": "RdBu"}  # diverging scales centred at 0: blue where `better` is
+
+
+def novelty_heatmap(cells: pd.DataFrame, col: str, title: str, fmt: str = ".1%", better: str = "") -> go.Figure:
+    """Target-frequency bin (y) × context-match-length bin (x) heatmap of one column of
+    queries.novelty_summary, each cell annotated with its value and token count; the hover adds its
+    SPEC §11 interval. `better` ('lower' for a PPL change, 'higher' for a share of the gain): a red-blue
+    scale centred at 0, blue on the better side, a cell whose interval excludes 0 starred; '' = sequential."""
+    x = cells.drop_duplicates("ctx_bin").sort_values("ctx_bin")["L_t"].tolist()
+    y = cells.drop_duplicates("freq_bin").sort_values("freq_bin")["bin"].tolist()
+    grid = cells.set_index(["bin", "L_t"])
+
+    def at(c: str, default=np.nan) -> list[list]:
+        return [[grid[c].get((b, lt), default) if c in grid else default for lt in x] for b in y]
+
+    z, n = at(col), at("n_tokens", 0)
+    lo, hi = at(f"{col}_ci_lo"), at(f"{col}_ci_hi")
+    # a change whose interval excludes 0 is starred
+    star = [["*" if better and (a > 0 or b < 0) else "" for a, b in zip(lr, hr)] for lr, hr in zip(lo, hi)]
+    text = [[("" if pd.isna(v) else format(v, fmt)) + s + f"<br>n={int(c):,}" if c else ""
+             for v, c, s in zip(zr, nr, sr)] for zr, nr, sr in zip(z, n, star)]
+    ci = [[("no interval" if pd.isna(a) or pd.isna(b) else f"[{format(a, fmt)}, {format(b, fmt)}]")
+           for a, b in zip(lr, hr)] for lr, hr in zip(lo, hi)]
+    scale = dict(colorscale=GAIN_SCALES[better], zmid=0) if better else dict(colorscale="Viridis")
+    fig = go.Figure(go.Heatmap(
+        z=z, x=x, y=y, text=text, texttemplate="%{text}", customdata=ci, **scale,
+        hovertemplate="freq %{y} · L_t %{x}<br>" + col + " %{z:" + fmt + "} %{customdata}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="context match length L_t (bin)", yaxis_title=BIN_AXIS, height=460,
+                      margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=x)
+    fig.update_yaxes(type="category", categoryorder="array", categoryarray=y)
+    return fig
+
+
+def novelty_by_ctx(by_ctx: pd.DataFrame) -> go.Figure:
+    """PPL change vs the LM per context-match-length bin: kNN-LM and, when the run has it, the ∞-gram
+    interpolation (bars with their SPEC §11 intervals; below 0 = lower perplexity than the LM)."""
+    fig = go.Figure()
+    for col, name, color in (("ppl_change", "kNN-LM", COLORS["knnlm"]), ("infgram_change", "∞-gram interpolation",
+                                                                          COLORS["b"])):
+        if col in by_ctx:
+            fig.add_bar(x=by_ctx["L_t"], y=by_ctx[col], name=name, marker_color=color, error_y=error_bars(by_ctx, col),
+                        hovertemplate="L_t %{x}: %{y:+.1%}<extra>" + name + "</extra>")
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    fig.update_yaxes(tickformat="+.0%")
+    fig.update_layout(title="PPL change vs the LM per context-match-length bin", xaxis_title="context match length "
+                      "L_t (bin)", yaxis_title="PPL / PPL LM − 1", barmode="group", height=380,
+                      margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.25))
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=list(by_ctx["L_t"]))
+    return fig

@@ -1,7 +1,8 @@
 """The paper's qualitative findings (SPEC §6) checked against one run (pure: no streamlit).
 
 Input: the per-bin table of `queries.bin_summary` and three correlations
-(`corr_pq_error_gain`, `corr_context_freq`, `corr_freq_pq_error`). Output: one `Finding`
+(`corr_pq_error_gain`, `corr_context_freq`, `corr_freq_pq_error`), optionally the exact-search table
+(SPEC §8) and `queries.novelty_findings` (SPEC §12: rare target or novel context?). Output: one `Finding`
 per claim with a verdict (True / False / None = not evaluable or, with `ns`, no significant
 difference), the numbers behind it, and a plain sentence where the run disagrees with the
 paper. Per-bin claims are decided by the SPEC §11 intervals of the tables (`*_ci_lo`,
@@ -17,8 +18,10 @@ import numpy as np
 import pandas as pd
 
 from knnlm_core.bins import bin_label
+from knnlm_core.bootstrap import MIN_TOKENS
 
 RARE_BIN_MAX = 2  # rare = freq < 10^3 (bins 1–9, 10–99, 100–999), as in the paper's crossover
+MIN_CELL_TOKENS = MIN_TOKENS  # a two-way cell named in the novelty sentence has at least as many tokens as an interval needs
 
 
 @dataclass(frozen=True)
@@ -295,10 +298,84 @@ def crisis_holds(df: pd.DataFrame) -> tuple[bool | None, str]:
     return None, f"is not significant in every rare bin ({detail}; 95% intervals)"
 
 
+def _d(d: dict, col: str, fmt: str = "{:+.1%}") -> str:
+    """' [lo, hi]' of a dict's interval keys, or ' [no interval]' (as _ci for a table row)."""
+    lo, hi = d.get(f"{col}_ci_lo", float("nan")), d.get(f"{col}_ci_hi", float("nan"))
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return " [no interval]"
+    return f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def gains_from_found_contexts(nov: dict) -> Finding:
+    """SPEC §12: positions whose context occurs in the datastore (L_t >= 4) carry most (> 50%) of kNN-LM's
+    total NLL gain, decided by the interval of that share (queries.novelty_findings)."""
+    m = nov["min_len"]
+    claim = f"kNN-LM's gains come mostly from positions whose context occurs in the datastore (L_t ≥ {m})"
+    found, other = nov["found"], nov["other"]
+    if not found or not other:
+        side = "no" if not found else "every"
+        return Finding(claim, None, f"{side} position has L_t ≥ {m}",
+                       f"Not evaluable: {side} evaluation position's context occurs in the datastore ({m}+ tokens).")
+    if nov["total_gain"] <= 0:
+        return Finding(claim, None, f"total NLL gain {nov['total_gain']:+.1f} nats over {nov['n_tokens']:,} tokens",
+                       "Not evaluable: kNN-LM has no net gain on this run, so there is no gain to attribute.")
+    share = found["share_of_gain"]
+    numbers = (f"L_t ≥ {m}: {_pct(found['token_share'])} of the {nov['n_tokens']:,} tokens carry "
+               f"{share:.1%}{_d(found, 'share_of_gain', '{:.1%}')} of the total NLL gain "
+               f"({nov['total_gain']:+.1f} nats); mean gain {found['mean_gain']:+.3f}{_d(found, 'mean_gain', '{:+.3f}')} "
+               f"vs {other['mean_gain']:+.3f}{_d(other, 'mean_gain', '{:+.3f}')} nats at L_t < {m}; mean copy share of "
+               f"p_kNN {_pct(found.get('mean_copy_share'))} vs {_pct(other.get('mean_copy_share'))}")
+    lo, hi = found.get("share_of_gain_ci_lo"), found.get("share_of_gain_ci_hi")
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return Finding(claim, None, numbers, "No interval for the share (fewer than 30 tokens or 5 documents on a "
+                       "side, or resamples without a net gain).")
+    ok = True if lo > 0.5 else False if hi < 0.5 else None
+    note = ""
+    if ok is False:
+        note = f"Most of the gain comes from positions whose last {m} context tokens never occur in the datastore."
+    elif ok is None:
+        note = "The 95% interval of the share includes 50%: no significant majority either way."
+    elif share <= found["token_share"]:
+        note = (f"A majority, but no more than these positions' share of the tokens ({_pct(found['token_share'])}): "
+                "the gain does not concentrate there.")
+    return Finding(claim, ok, numbers, note, ns=ok is None)
+
+
+def _cell_text(d: dict, where: str) -> str:
+    """'where: PPL a → b (change [lo, hi], verdict), n = … tokens in … documents' (no verdict without an interval)."""
+    verdict = "" if d["knnlm_vs_lm"] == "no interval" else f", {d['knnlm_vs_lm']}"
+    return (f"{where}: PPL {d['ppl_lm']:.1f} → {d['ppl_knnlm']:.1f} ({d['ppl_change']:+.1%}{_d(d, 'ppl_change')}"
+            f"{verdict}), n = {int(d['n_tokens']):,} tokens in {int(d['n_docs'])} documents")
+
+
+def novel_rare_harmed(nov: dict) -> Finding:
+    """SPEC §12: in novel contexts (L_t <= 1) kNN-LM still raises the rare targets' PPL (paired interval)."""
+    n_max, m = nov["novel_max_len"], nov["min_len"]
+    claim = f"within novel contexts (L_t ≤ {n_max}), rare targets (1 ≤ freq < 1,000) are still harmed by kNN-LM"
+    novel, found = nov["novel_rare"], nov["found_rare"]
+    if not novel:
+        return Finding(claim, None, "no such token", f"Not evaluable: no rare target follows a context with L_t ≤ {n_max}.")
+    numbers = _cell_text(novel, f"L_t ≤ {n_max}, freq 1–999")
+    if found:
+        numbers += "; for contrast " + _cell_text(found, f"L_t ≥ {m}, freq 1–999")
+    sign = {"harms": 1, "helps": -1, "no significant difference": 0}.get(novel["knnlm_vs_lm"])
+    ok = None if sign in (None, 0) else sign == 1
+    note = ""
+    if ok is False:
+        note = "kNN-LM lowers the rare targets' perplexity even where the context is novel."
+    elif sign == 0:
+        note = "The 95% interval of the PPL change includes 0: no significant difference."
+    elif sign is None:
+        note = "No interval (fewer than 30 tokens or 5 documents)."
+    return Finding(claim, ok, numbers, note, ns=sign == 0)
+
+
 def evaluate(df: pd.DataFrame, run_k: int, corr_gain: dict, corr_ctx: dict, corr_freq_pq: dict,
-             exact: pd.DataFrame | None = None) -> list[Finding]:
+             exact: pd.DataFrame | None = None, novelty: dict | None = None) -> list[Finding]:
     """Every SPEC §6 finding in the order of the paper's narrative, then the SPEC §8 exact-search rows
-    (`exact`: the run's `queries.exact_bin_summary`, None when it has no exact search)."""
+    (`exact`: the run's `queries.exact_bin_summary`, None when it has no exact search), then the SPEC §12
+    context-novelty rows when `novelty` (queries.novelty_findings) is given."""
+    novelty_rows = [gains_from_found_contexts(novelty), novel_rare_harmed(novelty)] if novelty is not None else []
     return [
         helps_high_hurts_low(df),
         pknn_below_plm_low(df),
@@ -310,6 +387,7 @@ def evaluate(df: pd.DataFrame, run_k: int, corr_gain: dict, corr_ctx: dict, corr
         context_freq_corr(corr_ctx),
         quantization_explains_rare_harm(exact),
         crisis_survives_exact(exact),
+        *novelty_rows,
     ]
 
 
@@ -324,3 +402,35 @@ def to_frame(findings: list[Finding]) -> pd.DataFrame:
             "note": [f.note for f in findings],
         }
     )
+
+
+def _change_phrase(r) -> str:
+    """'+x.x% [lo, hi] (verdict)' of a novelty_summary row's kNN-LM change (no verdict without an interval)."""
+    verdict = "" if r.knnlm_vs_lm == "no interval" else f" ({r.knnlm_vs_lm})"
+    return f"{r.ppl_change:+.1%}{_ci(r, 'ppl_change')}{verdict}"
+
+
+def novelty_sentence(by_ctx: pd.DataFrame, cells: pd.DataFrame) -> str:
+    """What the two-way view (queries.novelty_summary) shows on a run: kNN-LM's PPL change at the lowest and
+    the highest context-match-length bins, the seen-target cells (>= MIN_CELL_TOKENS tokens) where its change
+    is lowest and highest, and where the NLL gain concentrates (the cells with the largest share of it)."""
+    if by_ctx.empty:
+        return "No evaluation token on this run."
+    n = by_ctx["n_tokens"].sum()
+    lo, hi = by_ctx.iloc[0], by_ctx.iloc[-1]
+    parts = [f"kNN-LM changes perplexity by {_change_phrase(lo)} where L_t is {lo.L_t} ({_pct(lo.n_tokens / n)} of "
+             f"tokens) and by {_change_phrase(hi)} where it is {hi.L_t} ({_pct(hi.n_tokens / n)})."]
+    seen = cells[(cells["freq_bin"] >= 0) & (cells["n_tokens"] >= MIN_CELL_TOKENS)].sort_values("ppl_change")
+    if len(seen) >= 2:
+        best, worst = seen.iloc[0], seen.iloc[-1]
+        parts.append(f"Among seen targets (cells of ≥ {MIN_CELL_TOKENS} tokens) its change is lowest at freq {best.bin} × "
+                     f"L_t {best.L_t}: {_change_phrase(best)}, and highest at freq {worst.bin} × L_t {worst.L_t}: "
+                     f"{_change_phrase(worst)}.")
+    if cells["share_of_gain"].notna().any():
+        top = cells.sort_values("share_of_gain", ascending=False).head(3)
+        where = "; ".join(f"freq {r.bin} × L_t {r.L_t} ({r.share_of_gain:.0%}{_ci(r, 'share_of_gain', '{:.0%}')} "
+                          f"of the gain from {_pct(r.n_tokens / n)} of tokens)" for r in top.itertuples())
+        parts.append(f"The NLL gain concentrates in {where}.")
+    else:
+        parts.append("kNN-LM has no net NLL gain on this run, so no share of it is reported.")
+    return " ".join(parts)

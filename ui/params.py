@@ -39,6 +39,7 @@ URL_PARAMS: dict[str, object] = {
 PAGES = {  # page file -> URL path
     "overview": "pages/overview.py",
     "bins": "pages/bins.py",
+    "novelty": "pages/novelty.py",
     "tokens": "pages/tokens.py",
     "neighbors": "pages/neighbors.py",
     "exact": "pages/exact.py",

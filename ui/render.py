@@ -7,13 +7,41 @@ import re
 
 _TOKEN_STYLE = "white-space:pre-wrap;font-family:monospace;line-height:1.8"
 _TARGET_STYLE = "background:#ffd54f;border:1px solid #f57f17;border-radius:3px;padding:0 2px"
+_OVERLAP_STYLE = "background:#c8e6c9;border-bottom:2px solid #2e7d32"
+OVERLAP_TITLE = "overlaps the query's context"  # title of each highlighted neighbour-context token (tests count them)
+MATCH_TITLE = "occurs in the datastore"  # title of each of the query context's last L_t tokens
 
 
-def context_html(context_tokens: list[str], target: str) -> str:
-    """The left context followed by the highlighted target token, as escaped HTML."""
-    ctx = "".join(html.escape(t or "") for t in context_tokens)
-    tgt = html.escape(target or "")
+def _escaped(token: str | None, newline: str) -> str:
+    """A token as HTML text with each newline written as `newline`: a ⏎ before any line break, so that no
+    blank line can end the markdown HTML block the token sits in."""
+    return html.escape(token or "").replace("\n", newline)
+
+
+def _marked(tokens: list[str], n_last: int, title: str, newline: str) -> str:
+    """Escaped tokens, the last n_last each in a highlighted span titled `title`."""
+    cut = len(tokens) - min(max(int(n_last), 0), len(tokens))
+    shown = [_escaped(t, newline) for t in tokens]
+    marked = [f'<span title="{title}" style="{_OVERLAP_STYLE}">{t}</span>' for t in shown[cut:]]
+    return "".join(shown[:cut] + marked)
+
+
+def context_html(context_tokens: list[str], target: str, matched: int = 0) -> str:
+    """The left context followed by the highlighted target token, as escaped HTML; the last `matched`
+    context tokens (the context match length L_t, SPEC §12) are marked as occurring in the datastore."""
+    ctx = _marked(list(context_tokens), matched, MATCH_TITLE, "⏎\n")
+    tgt = _escaped(target, "⏎\n")
     return f'<div style="{_TOKEN_STYLE}">{ctx}<span title="target" style="{_TARGET_STYLE}">{tgt}</span></div>'
+
+
+def neighbour_context_html(rank: int, tokens: list[str], overlap: int, value: str, copy: bool) -> str:
+    """One neighbour's left context with its last `overlap` tokens (those equal to the query's last
+    tokens, SPEC §12) highlighted, then its value token; a copy neighbour is marked."""
+    label = f"#{int(rank)} · overlap {int(overlap)}" + (" · <b>copy</b>" if copy else "")
+    more = "…" if overlap > len(tokens) else ""
+    return (f'<div title="neighbour {int(rank)}" style="{_TOKEN_STYLE}"><small>{label}</small> {more}'
+            f'{_marked(list(tokens), overlap, OVERLAP_TITLE, "⏎")} → <span style="{_TARGET_STYLE}">'
+            f'{_escaped(value, "⏎")}</span></div>')
 
 
 def show_token(token: str | None) -> str:
