@@ -118,5 +118,8 @@ def test_exact_search_off_and_auto(tmp_path, tiny_model):
     assert con.execute("SELECT exact_search FROM run").fetchone()[0] is False
     con.close()
     assert not (run / "exact.npz").exists()
-    cfg = load_config(None, {"exact_search": "auto", "exact_max_entries": 1000})
-    assert cfg.exact_search_enabled(1000) and not cfg.exact_search_enabled(1001)
+    from precompute.plan import Machine, decide_exact, plan_facts  # auto: the plan decides (tests/test_plan.py)
+
+    cfg = load_config(None, {"exact_search": "auto"})
+    on, why = decide_exact(cfg, plan_facts(cfg, 6000, 500), Machine(0, 2, 1, "local"))
+    assert on and why.startswith("auto: on")
