@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -138,3 +139,43 @@ def reconstruction_error(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(vectors, dtype=np.float32)  # (n, d)
     x_hat = index.sa_decode(index.sa_encode(x))
     return np.sum((x.astype(np.float64) - x_hat) ** 2, axis=1)
+
+
+@dataclass(frozen=True)
+class IVFPQCodec:
+    """The arrays of a trained IVFPQ index's standalone codec (faiss `sa_encode` / `sa_decode`), for
+    encoders outside faiss (`precompute.encode`). A code = the list number (`coarse_bytes` bytes,
+    little-endian) then the M sub-quantizer codes (`nbits` each, packed from the lowest bit up)."""
+
+    transforms: tuple[tuple[np.ndarray, np.ndarray], ...]  # (A (d_out, d_in), b (d_out,)) applied in order: x A^T + b
+    centroids: np.ndarray  # (nlist, d) float32 coarse centroids
+    pq_centroids: np.ndarray  # (M, ksub, dsub) float32
+    nbits: int  # bits per sub-quantizer code
+    coarse_bytes: int  # bytes of the list number
+    by_residual: bool  # PQ encodes x - centroid (True for every IVFPQ the factory builds)
+
+
+def ivfpq_codec(index: faiss.Index) -> IVFPQCodec | None:
+    """The codec of an L2 IndexIVFPQ (alone, or behind orthonormal linear transforms such as OPQ) with a
+    flat coarse quantizer; None for any other index (encode those with faiss)."""
+    transforms = []
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = faiss.downcast_VectorTransform(index.chain.at(i))
+            if not isinstance(vt, faiss.LinearTransform) or not vt.is_orthonormal:
+                return None
+            a = faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in)
+            b = faiss.vector_to_array(vt.b) if vt.have_bias else np.zeros(vt.d_out, dtype=np.float32)
+            transforms.append((a, b))
+        index = faiss.downcast_index(index.index)
+    if not isinstance(index, faiss.IndexIVFPQ) or index.metric_type != faiss.METRIC_L2:
+        return None
+    quantizer = faiss.downcast_index(index.quantizer)
+    if not isinstance(quantizer, faiss.IndexFlat) or quantizer.metric_type != faiss.METRIC_L2:
+        return None
+    pq = index.pq
+    return IVFPQCodec(
+        transforms=tuple(transforms),
+        centroids=quantizer.reconstruct_n(0, index.nlist),
+        pq_centroids=faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub),
+        nbits=int(pq.nbits), coarse_bytes=int(index.coarse_code_size()), by_residual=bool(index.by_residual))

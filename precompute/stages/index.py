@@ -1,7 +1,10 @@
 """Stage: train the index once, encode every key once, add the codes (SPEC §2, §5 PQ error).
 
-Map (`encode_shard`): each shard of keys is `sa_encode`d once; the same codes are
-`sa_decode`d for the per-entry PQ error ||k_i - k̂_i||² and stored with it. Reduce: the
+Map (`encode_shard`): each shard of keys is encoded once; the same codes are decoded for
+the per-entry PQ error ||k_i - k̂_i||² and stored with it. On a GPU (the run's device is
+"cuda") an IVFPQ index's codes are computed in torch (`precompute.encode`: faiss's codes
+except float near-ties) on the GPU workers; otherwise faiss's `sa_encode` / `sa_decode`
+(`knnlm_core.index.encode_with_error`). The stage records which (`index_encoder`). Reduce: the
 codes go into the trained index with `add_sa_codes` (bit-identical to `index.add`), so no
 key is encoded twice. The trained, empty index is kept in the shard folder, so a resumed
 run does not retrain, and Ray workers read it from there.
@@ -17,11 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from knnlm_core.config import RunConfig
-from knnlm_core.index import add_codes, encode_with_error, train_index
+from knnlm_core.index import add_codes, encode_with_error, ivfpq_codec, train_index
 from precompute.executor import LocalExecutor, Progress, ShardJob, executor_of
 from precompute.runner import Run, Shards, read_index, save_npz, shard_ranges, stage_shards, write_index
 
 TRAINED = "trained.faiss"  # the trained, empty index inside the stage's shard folder
+TORCH_ENCODER_DEVICES = ("cuda",)  # devices whose workers encode IVFPQ codes in torch (tests add "cpu")
 
 
 def stage_index(run: Run, key: str) -> dict:
@@ -35,7 +39,21 @@ def stage_index(run: Run, key: str) -> dict:
     shards.remove()
     run.memo.clear()
     return {"index_train_seconds": round(train_s, 2), "index_ntotal": int(index.ntotal),
-            "faiss_version": faiss.__version__}
+            "faiss_version": faiss.__version__, "index_encoder": encoder_name(index, run.info.get("device", "cpu"))}
+
+
+def encoder_name(index: faiss.Index, device: str) -> str:
+    """Who encodes the shards: "torch-<device>" for an IVFPQ index on a torch device, else "faiss"."""
+    return f"torch-{device}" if device in TORCH_ENCODER_DEVICES and ivfpq_codec(index) is not None else "faiss"
+
+
+def shard_encoder(index: faiss.Index, device: str):
+    """`encode_with_error(block) -> (codes, PQ error)` of the trained index for this worker's device."""
+    if encoder_name(index, device) == "faiss":
+        return lambda block: encode_with_error(index, block)
+    from precompute.encode import TorchIVFPQEncoder
+
+    return TorchIVFPQEncoder(ivfpq_codec(index), device).encode_with_error
 
 
 def encode_load(run: Run, job: ShardJob, i: int) -> np.ndarray:
@@ -46,11 +64,13 @@ def encode_load(run: Run, job: ShardJob, i: int) -> np.ndarray:
 
 
 def encode_shard(run: Run, job: ShardJob, i: int, progress: Progress, block: np.ndarray) -> int:
-    """sa_encode shard i's keys with the trained index; save codes + per-entry PQ error (atomic)."""
+    """Encode shard i's keys with the trained index; save codes + per-entry PQ error (atomic)."""
     shards = stage_shards(run, job.stage, job.key, job.folder)
     if not shards.done(i):  # a retried task whose first attempt had finished counts once
         index = run.cached(("trained", job.key), lambda: read_index(shards.folder / TRAINED))
-        codes, err = encode_with_error(index, block)
+        device = run.info.get("device", "cpu")
+        encode = run.cached(("encoder", job.key, device), lambda: shard_encoder(index, device))
+        codes, err = encode(block)
         shards.save(i, codes=codes, pq_error=err)
     if progress:
         progress(len(block))
@@ -58,14 +78,15 @@ def encode_shard(run: Run, job: ShardJob, i: int, progress: Progress, block: np.
 
 
 def build_index(keys, factory: str, train_size: int, seed: int, shard_size: int, shards: Shards,
-                run: Run | None = None) -> tuple[faiss.Index, np.ndarray, float]:
+                run: Run | None = None, device: str = "cpu") -> tuple[faiss.Index, np.ndarray, float]:
     """(filled index, per-entry PQ error (N,) float64, training seconds): train, encode shards, add codes.
 
-    The encode map runs on `run`'s executor; without a run (bench/index.py) on a local one
-    over a bare run that knows only these keys and this shard folder.
+    The encode map runs on `run`'s executor (on its device); without a run (bench/index.py) on
+    a local one over a bare run on `device` that knows only these keys and this shard folder.
     """
     if run is None:
-        run = Run(cfg=replace(RunConfig(), shard_size=shard_size), run_dir=shards.folder.parent, run_name="index")
+        run = Run(cfg=replace(RunConfig(), shard_size=shard_size), run_dir=shards.folder.parent, run_name="index",
+                  info={"device": device})
         run.memo[("keys",)] = keys
         run.memo[("shards", shards.folder.name, shards.key)] = shards
         run.executor = LocalExecutor()
@@ -81,7 +102,9 @@ def build_index(keys, factory: str, train_size: int, seed: int, shard_size: int,
     run.memo[("trained", shards.key)] = index  # in-process shards encode with it; Ray workers read trained.faiss
     ranges = shard_ranges(len(keys), shard_size)
     todo = list(shards.todo(len(ranges)))
-    job = ShardJob("index", shards.key, encode_shard, encode_load, folder=shards.folder.name)
+    on_gpu = encoder_name(index, run.info.get("device", "cpu")) == "torch-cuda"  # Ray: the GPU actors encode
+    job = ShardJob("index", shards.key, encode_shard, encode_load, kind="model" if on_gpu else "cpu",
+                   folder=shards.folder.name)
     with tqdm(total=len(keys), initial=len(keys) - sum(ranges[i][1] - ranges[i][0] for i in todo),
               desc="index encode", unit="key", dynamic_ncols=True) as bar:
         executor_of(run).map(run, job, todo, bar.update)
