@@ -98,6 +98,7 @@ def write_manifest(run: Run, corpora: dict) -> None:
         "parameters": {"nprobe": cfg.nprobe, "k": cfg.k, "temperature": cfg.temperature, "lambda": cfg.lam,
                        "distance": "squared L2", "distance_source": cfg.distance_source},
         "store_neighbors": cfg.store_neighbors_effective, "contamination_search": info.get("contamination_mode"),
+        "exact_search": {"ran": bool(info.get("exact_search")), "why": info.get("exact_search_reason")},
         "ppl_lm": info["ppl_lm"], "ppl_knnlm": info["ppl_knnlm"], "software": software_versions(),
         "stage_seconds": {name: s["seconds"] for name, s in run.stages.items()},
         "neighbour_blocks": {f.name: {"n_rows": b.n_rows, "k": b.k, "shards": len(b.shards)}
