@@ -52,7 +52,7 @@ def build_kind(run: Run, kind: str) -> dict:
     shards = stage_shards(run, "whiten", f"{built}-{kind}", f"index_{kind}.shards")
     t0 = time.time()
     index, _, _ = build_index(whiten.WhitenedKeys(keys, transform), cfg.index_factory, cfg.train_size, cfg.seed,
-                              cfg.shard_size, shards)
+                              cfg.shard_size, shards, device=run.info["device"])  # torch encoding on a GPU
     write_index(index, files[1])
     shards.remove()
     record = {"key": built, "eps": transform.eps, "fit_seconds": round(fit_s, 2),
