@@ -277,7 +277,9 @@ def source_fingerprint(name_or_path: str) -> str:
 # ---------------------------------------------------------------- forward passes
 
 def batch_windows(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
-    """Consecutive windows grouped into batches of equal length (the last window may be shorter)."""
+    """Consecutive windows grouped into batches of `batch_size` equal-length windows (the last window may be
+    shorter: a batch of its own). Counted from windows[0]: a shard that starts on a multiple of
+    batch_size of the plan gets the run's own batches (precompute.extract.shard_windows)."""
     batch: list[Window] = []
     for w in windows:
         if batch and (len(batch) == batch_size or (w.end - w.begin) != (batch[0].end - batch[0].begin)):

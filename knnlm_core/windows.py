@@ -4,7 +4,8 @@ A corpus of n tokens is scored with windows of at most `max_context` tokens that
 by `stride`. Inside a window, the hidden state at position j predicts token j + 1. Every
 target index 1..n-1 is scored exactly once, by the first window that reaches it, so it gets
 the longest context that window offers. Position t's key (the hidden state at t) therefore
-predicts token t + 1: the datastore entry / evaluation position `pos = t`.
+predicts token t + 1: the datastore entry / evaluation position `pos = t`. Every window but
+the last has `max_context` tokens, so consecutive windows batch without padding.
 """
 
 from __future__ import annotations

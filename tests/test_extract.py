@@ -59,14 +59,33 @@ def test_keys_and_p_lm_equal_plain_forward(family):
     np.testing.assert_array_equal(body_only, keys)
 
 
-def test_shard_windows_partition_positions():
+def test_error_in_a_worker_reaches_the_caller_with_threads_restored():
+    lm = wrap_model(build_family("gpt2").eval())
+    ids = np.random.default_rng(0).integers(0, lm.model.config.vocab_size, 600).astype(np.int32)
+    ids[400] = lm.model.config.vocab_size  # no such token: the embedding lookup of that batch fails
+    windows = plan_windows(len(ids), 64, 32)
+    torch.set_num_threads(2)
+    with pytest.raises(IndexError):
+        extract(lm, ids, windows, np.empty((len(ids) - 1, lm.dim), np.float16), batch_size=2, threads=3)
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(("shard_size", "batch_size"), [(100, 1), (100, 3), (250, 4), (40, 2), (10**6, 8)])
+def test_shard_windows_are_whole_batches_partitioning_positions(shard_size, batch_size):
     windows = plan_windows(1000, 64, 32)
-    groups = shard_windows(windows, 100)
+    groups = shard_windows(windows, shard_size, batch_size)
     assert [w for g in groups for w in g] == windows
     rows = [owned_rows(g) for g in groups]
     assert rows[0][0] == 0 and rows[-1][1] == 999
     assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
-    assert all(hi - lo <= 100 or len(g) == 1 for (lo, hi), g in zip(rows, groups))
+    starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
+    assert all(s % batch_size == 0 for s in starts)  # shards begin on the batch grid: the run's own batches
+    # each batch sits in the shard of its first position, [k * shard_size, (k + 1) * shard_size): one shard per k
+    cells = [{g[a].first_pos // shard_size for a in range(0, len(g), batch_size)} for g in groups]
+    assert all(len(c) == 1 for c in cells)
+    assert len(groups) == len({windows[a].first_pos // shard_size for a in range(0, len(windows), batch_size)})
+    most = max(sum(w.n_owned for w in windows[a : a + batch_size]) for a in range(0, len(windows), batch_size))
+    assert all(hi - lo < shard_size + most for lo, hi in rows)
 
 
 def brute_force_ids(q: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:

@@ -29,6 +29,7 @@ def check_plan(n_tokens: int, max_context: int, stride: int) -> list[Window]:
         assert w.end - w.begin <= max_context
         assert w.n_owned == w.end - 1 - w.first_pos >= 1
     assert [w.first_pos for w in windows] == sorted(w.first_pos for w in windows)
+    assert all(w.end - w.begin == max_context for w in windows[:-1])  # only the last is shorter: one batch grid
     for pos, (w,) in own.items():
         context = pos - w.begin + 1  # tokens begin..pos seen when predicting pos + 1
         assert context >= min(pos + 1, max_context - stride)

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from precompute.executor import Progress, ShardJob, executor_of
-from precompute.extract import LMOutputs, extract, owned_rows
+from precompute.extract import LMOutputs, extract, heap_allocations, owned_rows, shard_key
 from precompute.runner import Run, concat_shards, save_npy, save_npz, stage_shards
 from precompute.stages.datastore import window_groups
 
@@ -33,7 +33,8 @@ def lm_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None) ->
     n, d, top = hi - lo, run.info["dim"], run.cfg.lm_top
     queries = np.empty((n, d), dtype=np.float16)  # (n_i, d)
     out = LMOutputs(np.empty(n), np.empty((n, top), np.int32), np.empty((n, top), np.float32), np.empty(n, np.float32))
-    extract(run.lm, ids, groups[i], queries, run.cfg.batch_size, out, progress)
+    with heap_allocations():
+        extract(run.lm, ids, groups[i], queries, run.cfg.batch_size, out, progress, run.cfg.threads)
     shards.save(i, queries=queries, p_lm=out.p_lm, lm_top_ids=out.top_ids, lm_top_p=out.top_p, entropy=out.entropy)
     return hi - lo
 
@@ -45,11 +46,12 @@ def stage_lm(run: Run, key: str, stage: str = "eval_lm") -> dict:
     ids_file, queries_file, lm_file, entropy_file = FILES[stage]
     ids, groups = window_groups(run, ids_file)
     t = len(ids) - 1
-    shards = stage_shards(run, stage, key, f"{stage}.shards")
+    shards = stage_shards(run, stage, shard_key(key), f"{stage}.shards")
     executor = executor_of(run)
     desc = "eval queries + p_LM" if stage == "eval_lm" else "validation queries + p_LM"
     with tqdm(total=t, desc=desc, unit="pos", dynamic_ncols=True) as bar:
-        executor.map(run, ShardJob(stage, key, lm_shard, kind="model"), shards.todo(len(groups)), bar.update)
+        executor.map(run, ShardJob(stage, shard_key(key), lm_shard, kind="model"), shards.todo(len(groups)),
+                     bar.update)
     parts = concat_shards(shards, len(groups))
     save_npy(run.path(queries_file), parts.pop("queries"))
     save_npy(run.path(entropy_file), parts.pop("entropy"))
