@@ -23,7 +23,7 @@ from test_pipeline import tables
 from precompute.runner import FAULT_ENV, Shards, shard_ranges
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY_STAGES = ("datastore", "eval_lm", "index", "search", "types", "exact", "valid_lm", "mitigate")
+HEAVY_STAGES = ("datastore", "eval_lm", "index", "valid_lm", "whiten", "search", "types", "exact", "suffix", "mitigate")
 SMALL_SHARDS = {"shard_size": 250, "datastore_limit_tokens": 2000, "eval_limit_tokens": 600,
                 "valid_corpus": str(REPO / "data/corpora/wikitext2-train.tokens.gz"), "valid_limit_tokens": 600,
                 "whiten": "zipfian"}
