@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "data" / "models" / "demo-gpt2"
 DEMO = REPO / "data" / "runs" / "demo"
-PAGES = ["overview", "bins", "tokens", "neighbors", "exact", "whatif", "mitigations", "compare"]
+PAGES = ["overview", "bins", "tokens", "neighbors", "exact", "whatif", "mitigations", "compare", "novelty"]
 
 needs_model = pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="demo model not built yet")
 needs_demo = pytest.mark.skipif(not (DEMO / "metrics.duckdb").exists(), reason="demo run not built yet")
@@ -101,7 +101,7 @@ def test_demo_run_opens_read_only_with_nothing_else_present(tmp_path):
     con.close()
 
 
-INTERVAL_PAGES = ("overview", "bins", "exact", "mitigations", "compare", "whatif")
+INTERVAL_PAGES = ("overview", "bins", "exact", "mitigations", "compare", "whatif", "novelty")
 
 
 @needs_demo
@@ -183,7 +183,8 @@ def test_shipped_runs_carry_the_mitigations(name):
     ev = con.execute("SELECT e.p_lm, e.p_knn, m.* FROM eval_tokens e JOIN mitigation_tokens m USING (pos) "
                      "ORDER BY pos").df()
     con.close()
-    assert list(variants.index) == ["plain", "tau", "idf", "adaptive-nn", "adaptive-entropy", "zipfian", "entries"]
+    assert list(variants.index) == ["plain", "tau", "idf", "adaptive-nn", "adaptive-entropy", "zipfian", "entries",
+                                    "infgram"]
     assert variants.loc["plain", "ppl"] == ppl_knnlm
     for name, v in variants.iterrows():
         p_knn = ev[v["p_knn_column"]].astype(np.float64) if isinstance(v["p_knn_column"], str) else ev["p_knn"]
