@@ -265,10 +265,15 @@ def check_block(name: str, block, pos: np.ndarray, ids: np.ndarray, dist: np.nda
     got = np.stack([block.rows("ids", int(p), int(p) + 1)[0] for p in pos])  # (S, k)
     checks = [_equal(f"block {name}: shape (T, k)", [block.n_rows, block.k], [block.n_rows, ids.shape[1]])]
     got_d = np.stack([block.rows("dist_pq", int(p), int(p) + 1)[0] for p in pos])
-    swapped = got != ids
-    tie = np.isclose(got_d[swapped], np.where(ids >= 0, dist, np.inf)[swapped], rtol=1e-5, atol=1e-4)
-    checks.append((f"block {name}: ids = a fresh index.search", bool(tie.all()),
-                   f"{int(swapped.sum())} tie swaps, {int((~tie).sum())} mismatches over {got.size}"))
+    # faiss's float32 PQ distances differ in their last bits between batch sizes, so near-ties swap (also at
+    # rank k, in or out of the list): per row the sorted distances must agree, and the id sets nearly so
+    fresh_d = np.where(ids >= 0, dist, np.inf)
+    d_ok = np.isclose(np.sort(got_d, axis=1), np.sort(fresh_d, axis=1), rtol=1e-5, atol=1e-4)
+    common = sum(len(np.intersect1d(a[a >= 0], b[b >= 0])) for a, b in zip(got, ids))
+    missing = int((ids >= 0).sum()) - common
+    checks.append((f"block {name}: ids = a fresh index.search", bool(d_ok.all() and missing <= 1e-3 * got.size),
+                   f"{int((got != ids).sum())} rank swaps, {missing} neighbours not in the fresh search (near-ties "
+                   f"at rank k), {int((~d_ok).sum())} distance mismatches over {got.size}"))
     vals = np.stack([block.rows("values", int(p), int(p) + 1)[0] for p in pos])
     checks.append(_equal(f"block {name}: values = values[ids]", vals, np.where(got >= 0, values[np.maximum(got, 0)], -1)))
     de = np.stack([block.rows("dist_exact", int(p), int(p) + 1)[0] for p in pos])

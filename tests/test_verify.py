@@ -267,3 +267,17 @@ def test_shifted_target_rank_is_caught_despite_tie_tolerance(fresh_run, intact_c
     """The tie allowance (equal PQ distances at both ranks) does not excuse a real rank error."""
     sql(fresh_run, "UPDATE eval_tokens SET target_rank = target_rank + 5 WHERE target_rank <= 50")
     assert intact_checks["target_rank (re-searched)"] and "target_rank (re-searched)" in failed_names(fresh_run)
+
+
+def test_a_corrupted_neighbour_block_is_caught(fresh_run, intact_checks):
+    """The (eval, plain) block against a fresh search: other entries at some ranks fail the check."""
+    from knnlm_core import neighbours
+
+    name = "block eval-plain: ids = a fresh index.search"
+    assert intact_checks[name]
+    folder = neighbours.block_dir(fresh_run, "eval", "plain")
+    path = neighbours.shard_file(folder, 0, "ids")
+    ids = np.load(path)
+    ids[:, 5:9] = (ids[:, 5:9] + 7) % 5000  # other entries, at their old distances
+    np.save(path, ids)
+    assert name in failed_names(fresh_run, sample=200, exact_sample=20)
