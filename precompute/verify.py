@@ -265,10 +265,11 @@ def check_block(name: str, block, pos: np.ndarray, ids: np.ndarray, dist: np.nda
     got = np.stack([block.rows("ids", int(p), int(p) + 1)[0] for p in pos])  # (S, k)
     checks = [_equal(f"block {name}: shape (T, k)", [block.n_rows, block.k], [block.n_rows, ids.shape[1]])]
     got_d = np.stack([block.rows("dist_pq", int(p), int(p) + 1)[0] for p in pos])
-    # faiss's float32 PQ distances differ in their last bits between batch sizes, so near-ties swap (also at
-    # rank k, in or out of the list): per row the sorted distances must agree, and the id sets nearly so
+    # faiss's float32 PQ distances differ between batch sizes (measured on the demo: up to 5.2e-5 relative,
+    # 2.8e-4 absolute over 300 x 1,024), so near-ties swap, also at rank k, in or out of the list: per row the
+    # sorted distances must agree to that precision, and the id sets to within 0.1%
     fresh_d = np.where(ids >= 0, dist, np.inf)
-    d_ok = np.isclose(np.sort(got_d, axis=1), np.sort(fresh_d, axis=1), rtol=1e-5, atol=1e-4)
+    d_ok = np.isclose(np.sort(got_d, axis=1), np.sort(fresh_d, axis=1), rtol=1e-4, atol=1e-3)
     common = sum(len(np.intersect1d(a[a >= 0], b[b >= 0])) for a, b in zip(got, ids))
     missing = int((ids >= 0).sum()) - common
     checks.append((f"block {name}: ids = a fresh index.search", bool(d_ok.all() and missing <= 1e-3 * got.size),
