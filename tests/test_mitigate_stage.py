@@ -183,11 +183,12 @@ def test_database_tables_and_plain_row(mitigated_run, tiny_run):
     ppl_knnlm = con.execute("SELECT ppl_knnlm FROM run").fetchone()[0]
     cols = {c for (c,) in con.execute("SELECT column_name FROM (DESCRIBE mitigation_tokens)").fetchall()}
     con.close()
-    assert list(variants.index) == ["plain", "tau", "idf", "adaptive-nn", "adaptive-entropy", "zipfian", "entries"]
+    assert list(variants.index) == ["plain", "tau", "idf", "adaptive-nn", "adaptive-entropy", "zipfian", "entries",
+                                    "infgram"]
     assert variants.loc["plain", "ppl"] == ppl_knnlm
     own_tau = variants.loc["tau", "tau"] == variants.loc["plain", "tau"]  # then the run's own p_kNN, not a copy
     assert isinstance(variants.loc["tau", "p_knn_column"], str) != own_tau
-    assert cols == {"pos", "p_knn_idf", "p_knn_zipfian", "p_knn_entries", "lam_nn", "lam_entropy"} | (
+    assert cols == {"pos", "p_knn_idf", "p_knn_zipfian", "p_knn_entries", "lam_nn", "lam_entropy", "p_inf"} | (
         set() if own_tau else {"p_knn_tau"})
     con = duckdb.connect(str(tiny_run / "metrics.duckdb"), read_only=True)
     tables = {t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
@@ -242,3 +243,14 @@ def test_verify_catches_each_corruption(mitigated_run, tmp_path, corruption, cau
     assert caught in failed(run)
 
 
+
+
+def test_infgram_lambda_is_the_validation_grid_minimiser(mitigated_run):
+    """SPEC §12: λ_∞ minimises the validation PPL of λ p_∞ + (1 − λ) p_LM over 0…1 step 0.01 (numpy here)."""
+    inf, lm = np.load(mitigated_run / "infgram.npz"), np.load(mitigated_run / "valid_lm.npz")
+    grid = np.arange(101) / 100
+    ppl = [np.exp(np.mean(-np.log(g * inf["valid_p_inf"] + (1 - g) * lm["p_lm"]))) for g in grid]
+    con = duckdb.connect(str(mitigated_run / "metrics.duckdb"), read_only=True)
+    lam, valid_ppl = con.execute("SELECT lam, valid_ppl FROM mitigations WHERE variant = 'infgram'").fetchone()
+    con.close()
+    assert lam == pytest.approx(grid[int(np.argmin(ppl))]) and valid_ppl == pytest.approx(min(ppl), rel=1e-12)
