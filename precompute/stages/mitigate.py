@@ -115,14 +115,14 @@ def score_blocks(run: Run, key: str, split: str, indexes: list[str]) -> dict[str
 
 
 def inputs(run: Run) -> dict[str, np.ndarray]:
+    inf = load_npz(run.path("infgram.npz"))  # the suffix stage's p_∞ of both splits
     return {
         "eval_y": run.split("eval")[1], "eval_p_lm": load_npz(run.path("eval_lm.npz"))["p_lm"],
         "eval_entropy": np.asarray(load_npy(run.path("eval_entropy.npy")), np.float64),
         "eval_p_knn": load_npz(run.path("search.npz"))["p_knn"], "valid_y": run.split("valid")[1],
         "valid_p_lm": load_npz(run.path("valid_lm.npz"))["p_lm"],
         "valid_entropy": np.asarray(load_npy(run.path("valid_entropy.npy")), np.float64),
-        **{f"{split}_p_inf": inf[f"{prefix}p_inf"] for split, prefix in (("eval", ""), ("valid", "valid_"))
-           for inf in [load_npz(run.path("infgram.npz"))]},
+        "eval_p_inf": inf["p_inf"], "valid_p_inf": inf["valid_p_inf"],
     }
 
 
