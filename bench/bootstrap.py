@@ -1,6 +1,6 @@
 """Benchmark: SPEC §11 interval cost in the app (goal: <= 0.3 s warm for B = 1,000 per-bin table).
 
-Times `queries.bin_summary` (the Frequency bins / Overview table: SQL aggregates plus the
+Times `read.bins.bin_summary` (the Frequency bins / Overview table: SQL aggregates plus the
 per-document sums and the bootstrap of 15 figures) and the bootstrap alone, cold (first call on
 a fresh connection) and warm (repeated), side by side with the same table without intervals, on
 1. the shipped demo run (20k positions, 5 articles), and
@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 
 from bench.common import DefaultsHelp  # noqa: E402
 from knnlm_core import bootstrap as bs  # noqa: E402
-from knnlm_core import documents, intervals, queries, store  # noqa: E402
+from knnlm_core import documents, read, store  # noqa: E402
 from knnlm_core.bins import freq_bin  # noqa: E402
 from knnlm_core.corpus import load_tokenizer, read_text, tokenize_text  # noqa: E402
 
@@ -79,21 +79,21 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
 def measure(name: str, path: Path, run_k: int) -> None:
     con = duckdb.connect(str(path), read_only=True)
     cur = con.cursor()
-    ks = queries.hit_ks_for(run_k)
-    cold, table = timed(lambda: queries.bin_summary(cur, run_k))
-    warm, _ = timed(lambda: queries.bin_summary(cur, run_k), repeat=5)
-    frame = intervals.doc_sums(cur, {**intervals.TOKEN_SUMS, **{f"hit_{k}": f"hit_{k}::INTEGER" for k in ks},
+    ks = read.run.hit_ks_for(run_k)
+    cold, table = timed(lambda: read.bins.bin_summary(cur, run_k))
+    warm, _ = timed(lambda: read.bins.bin_summary(cur, run_k), repeat=5)
+    frame = read.ci.doc_sums(cur, {**read.bins.TOKEN_SUMS, **{f"hit_{k}": f"hit_{k}::INTEGER" for k in ks},
                                      "nontarget": f"1 - n_target / {float(run_k)!r}"})
-    n_docs = intervals.n_docs(cur)
-    sums_s, _ = timed(lambda: intervals.doc_sums(cur, intervals.TOKEN_SUMS), repeat=5)
-    boot_s, _ = timed(lambda: bs.intervals(frame, intervals.token_figures(ks), n_docs), repeat=5)
+    n_docs = read.ci.n_docs(cur)
+    sums_s, _ = timed(lambda: read.ci.doc_sums(cur, read.bins.TOKEN_SUMS), repeat=5)
+    boot_s, _ = timed(lambda: bs.intervals(frame, read.bins.token_figures(ks), n_docs), repeat=5)
     plain_sql = "SELECT freq_bin, count(*), exp(avg(nll_lm)), exp(avg(nll_knnlm)) FROM eval_tokens GROUP BY freq_bin"
     plain_s, _ = timed(lambda: cur.execute(plain_sql).fetchdf(), repeat=5)
     n_tok = cur.execute("SELECT count(*) FROM eval_tokens").fetchone()[0]
     con.close()
     print(f"{name}: {n_tok:,} positions, {n_docs} documents, {len(table)} bins, B = {bs.N_BOOT:,}")
     print(f"  bin_summary with intervals: cold {cold:.3f} s, warm {warm:.3f} s (goal <= 0.3 s warm)")
-    print(f"    per-document SQL sums {sums_s:.3f} s, bootstrap of {len(intervals.token_figures(ks))} figures "
+    print(f"    per-document SQL sums {sums_s:.3f} s, bootstrap of {len(read.bins.token_figures(ks))} figures "
           f"{boot_s:.4f} s; plain per-bin SQL without intervals {plain_s:.3f} s")
     print(f"  ratio warm / goal: {warm / 0.3:.2f}x of the 0.3 s budget")
 

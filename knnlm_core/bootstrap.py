@@ -65,7 +65,9 @@ def mean_diff(name: str, col_a: str, col_b: str) -> Figure:
 
 
 def draw_documents(n_docs: int, n_boot: int = N_BOOT, seed: int = SEED) -> np.ndarray:
-    """(n_boot, n_docs) int64: row b = the documents (with repetition) of resample b."""
+    """(n_boot, n_docs) int64: row b = the documents (with repetition) of resample b ((n_boot, 0) for no documents)."""
+    if n_docs <= 0:
+        return np.zeros((n_boot, 0), np.int64)
     return np.random.default_rng(seed).integers(0, n_docs, size=(n_boot, n_docs))
 
 
@@ -107,6 +109,9 @@ def pivot(frame: pd.DataFrame, cols: list[str], n_docs: int, group: str) -> tupl
 def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi) percentile interval over axis 0, ignoring NaN resamples (a group absent from a resample)."""
     tail = 100 * (1 - level) / 2
+    if samples.ndim != 2 or samples.shape[0] == 0 or samples.shape[1] == 0:  # no group or no resample: no interval
+        width = samples.shape[1] if samples.ndim == 2 else 0
+        return np.full(width, np.nan), np.full(width, np.nan)
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(samples).any(axis=0)
         safe = np.where(finite[None, :], samples, 0.0)

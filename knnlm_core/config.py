@@ -55,6 +55,9 @@ class RunConfig:
     # Path, relative to the run directory, of another run's metrics.duckdb built on the same
     # datastore: this run then stores no datastore_tokens table of its own but reads that one's.
     datastore_tokens_from: str = ""
+    # "knn-transformers:DIR": check the datastore in DIR against the model and datastore_corpus (the text that
+    # built it) and use it (and its index when DIR holds one) instead of extracting keys (docs/IMPORT.md)
+    import_datastore: str = ""
     # SPEC §8 exact search beside the index: on | off | auto (on when the plan's estimate for the machine at hand
     # is small: precompute.plan.startup.decide_exact; the run records the decision and why)
     exact_search: str = "auto"
@@ -99,9 +102,12 @@ class RunConfig:
         return () if parts == ["none"] else tuple(dict.fromkeys(parts))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict with the TOML spelling ('lambda')."""
+        """Plain dict with the TOML spelling ('lambda'); an empty import_datastore is left out, so native runs'
+        records (manifest, stage keys) stay as they were before the field existed."""
         data = asdict(self)
         data["lambda"] = data.pop("lam")
+        if not data["import_datastore"]:
+            del data["import_datastore"]
         return data
 
 
@@ -223,6 +229,7 @@ RULES: dict[str, Rule] = {
     "lm_top": _count(1, 1000, "LM top predictions kept per position, e.g. 10"),
     "contamination_search": Rule(choices=("exact", "index")),
     "datastore_tokens_from": Rule(fix='"" or the path of another run\'s metrics.duckdb'),
+    "import_datastore": Rule(fix='"" or "knn-transformers:DIR": point it at the knn-transformers dstore_dir'),
     "exact_search": Rule(choices=("auto", "on", "off")),
     "ctx_max_len": _count(1, 1 << 16, "tokens, e.g. 64"),
     "valid_corpus": Rule(fix='"" = no mitigations, or a text file'),
@@ -268,6 +275,36 @@ def cross_field_problems(cfg: RunConfig) -> list[tuple[tuple[str, ...], str]]:
                     f"of results per search call (limit 4 GiB); fix: search_batch <= "
                     f"{max(1, SEARCH_RESULT_BYTES_MAX // (12 * cfg.k)):,}"))
     return out
+
+
+IMPORT_FORMATS = ("knn-transformers",)  # what import_datastore = "FORMAT:DIR" accepts
+
+
+def import_problem(value: str) -> str | None:
+    """One line saying why `import_datastore` cannot be used ("" is fine), else None.
+
+    Checked by the run's preflight (it looks at the file system), not by `validate`."""
+    if not value:
+        return None
+    fmt, sep, folder = value.partition(":")
+    if not sep or fmt not in IMPORT_FORMATS:
+        return (f"invalid config: import_datastore = {_show(value)} names no known format; fix: "
+                '"knn-transformers:DIR", point it at the knn-transformers dstore_dir')
+    if not folder.strip() or not resolve_path(folder).is_dir():
+        return (f"invalid config: import_datastore = {_show(value)}: {_show(folder)} is no directory; fix: point it "
+                "at the knn-transformers dstore_dir")
+    return None
+
+
+def check_import(cfg: RunConfig) -> None:
+    """ConfigError (one line) when cfg.import_datastore is set but names no known format or no directory."""
+    if problem := import_problem(cfg.import_datastore):
+        raise ConfigError(problem)
+
+
+def import_dir(value: str) -> Path:
+    """The folder of `import_datastore = "knn-transformers:DIR"` (resolved like every config path)."""
+    return resolve_path(value.partition(":")[2])
 
 
 def _normalise(data: dict[str, Any], source: str) -> dict[str, Any]:

@@ -85,7 +85,8 @@ def read_shard_list(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / SHARD_DIR / SHARD_LIST
     try:
         listing = json.loads(path.read_text())
-        return [{"file": str(e["file"]), "rows": int(e["rows"])} for e in listing["shards"]]
+        return [{"file": str(e["file"]), "rows": int(e["rows"]), "raw": bool(e.get("raw", False))}
+                for e in listing["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise KeyStoreError(f"{path} is missing or corrupt ({err}): delete {path.parent} and rerun to rebuild the "
                             "datastore") from err
@@ -98,8 +99,11 @@ def open_keys(run_dir: Path, n: int | None = None, d: int | None = None):
     if (run_dir / SHARD_DIR / SHARD_LIST).exists():
         shards = []
         for entry in read_shard_list(run_dir):
-            shards.append(_load(run_dir / SHARD_DIR / entry["file"], (entry["rows"], d) if d else None,
-                                rows=entry["rows"]))
+            path = run_dir / SHARD_DIR / entry["file"]  # an absolute "file" stays absolute
+            if entry["raw"]:
+                shards.append(_load_raw(path, entry["rows"], d))
+                continue
+            shards.append(_load(path, (entry["rows"], d) if d else None, rows=entry["rows"]))
         if not shards:
             raise KeyStoreError(f"{run_dir / SHARD_DIR / SHARD_LIST} lists no shards: delete it and rerun")
         keys = ShardedKeys(shards)
@@ -124,3 +128,15 @@ def _load(path: Path, shape: tuple | None, rows: int | None = None) -> np.ndarra
         raise KeyStoreError(f"key file {path} has shape {arr.shape} / {arr.dtype}, expected float16 rows "
                             f"{rows if rows is not None else 'N'} x d: delete it and rerun to rebuild the datastore")
     return arr
+
+
+def _load_raw(path: Path, rows: int, d: int | None) -> np.ndarray:
+    """A headerless float16 (rows, d) file (an imported knn-transformers keys file), memory-mapped where it lies."""
+    width = d if d else (path.stat().st_size // (2 * rows) if path.is_file() and rows else 0)
+    try:
+        if not width or path.stat().st_size != 2 * rows * width:
+            raise ValueError(f"{path.stat().st_size:,} bytes, expected 2 x {rows:,} x {width}")
+        return np.memmap(path, dtype=np.float16, mode="r", shape=(rows, width))
+    except (OSError, ValueError) as err:
+        raise KeyStoreError(f"imported key file {path} is missing or of another size ({err}): restore it, or "
+                            "rerun the import") from err

@@ -1,10 +1,12 @@
 """Mitigations beside the plain run, per frequency bin (SPEC §9; issue 10).
 
-Pure pandas / numpy over per-bin summaries (`queries.variant_bin_summary`: freq_bin, bin,
+Pure pandas / numpy over per-bin summaries (`read.mitigations.variant_bin_summary`: freq_bin, bin,
 n_tokens, ppl_lm, ppl, mean_gain, share_harmed, mean_p_knn, mean_lambda): each variant's
 change vs the plain kNN-LM per bin with a verdict, one sentence per variant on the rare and
 the frequent bins, and the ORACLE per-frequency-bin λ (adaptive.oracle_by_bin): the target's
-bin is unknown at test time, so that row is an upper bound, never a mitigation.
+bin is unknown at test time, so that row is an upper bound, never a mitigation. `with_variant` turns
+the run's bin_summary into a variant's (every kNN-LM figure, interval and verdict replaced; the run's
+own retrieval / datastore columns kept and labelled by `label_own`), for Compare (issue 21).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def group_change_pct(compared: pd.DataFrame, variant: str, lo: int, hi: int) -> 
 
 
 def _group_phrase(groups: pd.DataFrame, grp: str, what: str) -> str | None:
-    """'<verdict> <what>: PPL +x.x% [lo, hi]' from a queries.variant_group_changes row (SPEC §11), None if absent."""
+    """'<verdict> <what>: PPL +x.x% [lo, hi]' from a read.mitigations.variant_group_changes row (SPEC §11), None if absent."""
     row = groups[groups["grp"] == grp]
     if row.empty:
         return None
@@ -97,7 +99,7 @@ def rare_bin_verdict(compared: pd.DataFrame, variant: str, label: str | None = N
                      groups: pd.DataFrame | None = None) -> str:
     """One sentence: does `variant` help or hurt the rare bins (freq < 1,000), and what does it
     cost (or give) the frequent bins (freq ≥ 10k); pooled PPL change vs plain. With `groups`
-    (queries.variant_group_changes) the verdicts come from the paired intervals (SPEC §11),
+    (read.mitigations.variant_group_changes) the verdicts come from the paired intervals (SPEC §11),
     otherwise from the SAME_PCT threshold."""
     if groups is not None:
         rare = _group_phrase(groups, "rare", "the rare bins (freq < 1,000)") or "no rare-bin tokens in this run"
@@ -122,7 +124,7 @@ def rare_bin_verdict(compared: pd.DataFrame, variant: str, label: str | None = N
 def bin_summary_from_arrays(
     freq_bin: np.ndarray, p_lm: np.ndarray, p_knn: np.ndarray, lam: float | np.ndarray
 ) -> pd.DataFrame:
-    """Per bin (ascending) the columns of queries.variant_bin_summary from (T,) arrays and λ
+    """Per bin (ascending) the columns of read.mitigations.variant_bin_summary from (T,) arrays and λ
     (scalar or (T,)): p_kNNLM = λ p_kNN + (1 − λ) p_LM, harmed = its NLL > the LM's."""
     p_lm, p_knn = np.asarray(p_lm, np.float64), np.asarray(p_knn, np.float64)
     lam = np.broadcast_to(np.asarray(lam, np.float64), p_lm.shape)
@@ -160,15 +162,44 @@ def oracle_summary(freq_bin: np.ndarray, p_lm: np.ndarray, p_knn: np.ndarray,
     return out, nll
 
 
+KNN_FIGURES = ("ppl_knnlm", "mean_p_knn", "mean_gain", "share_harmed", "ppl_change", "p_knn_minus_p_lm")
+KNN_VERDICT = "knnlm_vs_lm"  # read.bins.bin_summary's verdict of ppl_change's interval
+VS_PLAIN = ("change_vs_plain", "vs_plain")  # a variant's paired change vs the plain run and its verdict
+OWN_PREFIXES = ("hit_", "nontarget_share", "mean_query_pq_error", "n_types_datastore", "mean_cv",
+                "mean_contamination", "mean_pq_error")  # retrieval / datastore columns of the plain index
+OWN_SUFFIX = " (plain run)"
+
+
+def _figure(col: str) -> str:
+    """The figure a column belongs to ('x' for x, x_ci_lo, x_ci_hi)."""
+    return col.removesuffix("_ci_lo").removesuffix("_ci_hi")
+
+
 def with_variant(summary: pd.DataFrame, variant: pd.DataFrame) -> pd.DataFrame:
-    """A queries.bin_summary table with ppl_knnlm, mean_gain, share_harmed and mean_p_knn replaced
-    by a variant's per-bin values (same bins; other columns are the run's own)."""
+    """A read.bins.bin_summary table with every kNN-LM figure (KNN_FIGURES, with its `_ci_lo` / `_ci_hi`), the
+    verdict KNN_VERDICT and the paired change vs plain (VS_PLAIN, intervals) taken from a variant's per-bin
+    interval table (read.mitigations.variant_run_intervals), matched by freq_bin. The LM's columns and the run's own
+    (own_columns) are kept; ValueError when the variant lacks a kNN-LM figure the summary has."""
+    missing = [c for c in (*KNN_FIGURES, KNN_VERDICT) if c in summary and c not in variant]
+    if missing:
+        raise ValueError(f"the variant table lacks {', '.join(missing)}: the plain run's would be shown")
     v = variant.set_index("freq_bin")
     out = summary.copy()
-    for src, dst in (("ppl", "ppl_knnlm"), ("mean_gain", "mean_gain"), ("share_harmed", "share_harmed"),
-                     ("mean_p_knn", "mean_p_knn")):
-        out[dst] = out["freq_bin"].map(v[src]).to_numpy()
+    for col in v.columns:
+        if _figure(col) in (*KNN_FIGURES, *VS_PLAIN) or col == KNN_VERDICT:
+            out[col] = out["freq_bin"].map(v[col]).to_numpy()
     return out
+
+
+def own_columns(columns) -> list[str]:
+    """The columns of a bin_summary that stay the run's own under a variant (hit rates, non-target share,
+    query / type PQ error, contamination, cv, datastore type counts of the plain index and datastore)."""
+    return [c for c in columns if c.startswith(OWN_PREFIXES)]
+
+
+def label_own(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with OWN_SUFFIX appended to the names of its own_columns (for a variant's display)."""
+    return df.rename(columns={c: c + OWN_SUFFIX for c in own_columns(df.columns)})
 
 
 def variants_table(variants: pd.DataFrame, totals: dict[str, dict], oracle: pd.DataFrame | None = None,

@@ -9,71 +9,27 @@ file. Tables are written ordered by their lookup key (`pos`, `token_id`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pandas as pd
 
+from knnlm_core import schema
+
 SCHEMA_VERSION = 4  # 3: documents (SPEC §11): eval_tokens.doc_id, documents, doc_bin_stats, run.doc_mode
 # 4: context novelty (SPEC §12): eval_tokens.ctx_match_len / p_inf / inf_suffix_len / inf_count / copy_share,
 #    neighbors.overlap, the ∞-gram variant; the neighbour blocks (SPEC §7) in the run directory
 DB_NAME = "metrics.duckdb"
-HIT_KS = (1, 8, 16, 64, 256, 1024)
-RECALL_KS = (16, 64, 1024)  # SPEC §8: recall@k for those <= the run's k
-
-SCHEMA_SQL = f"""
-CREATE TABLE run (
-    run_name VARCHAR, model VARCHAR, n_entries BIGINT, n_eval BIGINT, dim INTEGER,
-    index_factory VARCHAR, nprobe INTEGER, k INTEGER, temperature DOUBLE, "lambda" DOUBLE,
-    distance_source VARCHAR, ppl_lm DOUBLE, ppl_knnlm DOUBLE,
-    schema_version INTEGER, store_neighbors INTEGER, hook_point VARCHAR, contamination_mode VARCHAR,
-    datastore_corpus VARCHAR, eval_corpus VARCHAR, created_at VARCHAR, config_json VARCHAR,
-    eval_domain VARCHAR, exact_search BOOLEAN, datastore_sha256 VARCHAR, datastore_tokens_from VARCHAR,
-    n_docs INTEGER, doc_mode VARCHAR, doc_block_tokens INTEGER
-);
-CREATE TABLE eval_tokens (
-    pos INTEGER, token_id INTEGER, token VARCHAR, freq BIGINT, freq_bin SMALLINT,
-    p_lm DOUBLE, p_knn DOUBLE, p_knnlm DOUBLE, nll_lm DOUBLE, nll_knnlm DOUBLE, gain DOUBLE,
-    {", ".join(f"hit_{k} BOOLEAN" for k in HIT_KS)},
-    target_rank INTEGER, n_target INTEGER, query_pq_error DOUBLE, context_freq BIGINT,
-    context_token_id INTEGER, knn_log_z DOUBLE,
-    recall_16 DOUBLE, recall_64 DOUBLE, recall_1024 DOUBLE,
-    p_knn_ivf_pq DOUBLE, p_knn_ivf_exact DOUBLE, p_knn_exact DOUBLE, exact_target_rank INTEGER, doc_id INTEGER,
-    ctx_match_len SMALLINT, p_inf DOUBLE, inf_suffix_len SMALLINT, inf_count BIGINT, copy_share DOUBLE
-);
-CREATE TABLE token_types (
-    token_id INTEGER, token VARCHAR, freq BIGINT, freq_bin SMALLINT, cv DOUBLE, contamination DOUBLE,
-    pq_error_mean DOUBLE, pq_error_max DOUBLE, eval_count BIGINT
-);
-CREATE TABLE neighbors (
-    pos INTEGER, rank SMALLINT, entry BIGINT, token_id INTEGER, distance_pq REAL, distance_exact REAL,
-    overlap SMALLINT
-);
-CREATE TABLE exact_neighbors (pos INTEGER, rank SMALLINT, entry BIGINT, distance REAL);
-CREATE TABLE eval_words (
-    word_idx INTEGER, word VARCHAR, first_pos INTEGER, n_tokens SMALLINT, freq BIGINT, freq_bin SMALLINT,
-    nll_lm DOUBLE, nll_knnlm DOUBLE
-);
-CREATE TABLE datastore_tokens (pos BIGINT, token_id INTEGER);
-CREATE TABLE lm_top (pos INTEGER, rank SMALLINT, token_id INTEGER, p_lm REAL);
-CREATE TABLE knn_top (pos INTEGER, rank SMALLINT, token_id INTEGER, p_knn REAL);
-CREATE TABLE vocab (token_id INTEGER, token VARCHAR);
-"""
+# The schema is declared once in knnlm_core/schema.py (columns, types, SPEC sections, stages; docs/SCHEMA.md
+# is checked against it); the DDL and the typed views below are built from that declaration.
+HIT_KS, RECALL_KS = schema.HIT_KS, schema.RECALL_KS
+SCHEMA_SQL = schema.ddl()
 
 # Table -> ORDER BY used when writing (lookup keys first).
-TABLE_ORDER = {
-    "run": None,
-    "eval_tokens": "pos",
-    "token_types": "token_id",
-    "neighbors": "pos, rank",
-    "exact_neighbors": "pos, rank",
-    "eval_words": "word_idx",
-    "datastore_tokens": "pos",
-    "lm_top": "pos, rank",
-    "knn_top": "pos, rank",
-    "vocab": "token_id",
-}
+TABLE_ORDER = {t.name: t.order for t in schema.TABLES}
 
 
 # Optional SPEC §9 tables (present when the run has a validation corpus), stored compactly because
@@ -107,13 +63,7 @@ def _values_view(con: duckdb.DuckDBPyConnection, name: str, frame: pd.DataFrame,
     con.execute(f"CREATE VIEW {name} AS SELECT {casts} FROM (VALUES {rows}) AS t({cols})")
 
 
-MITIGATION_TYPES = {
-    "ord": "INTEGER", "variant": "VARCHAR", "label": "VARCHAR", "family": "VARCHAR", "tau": "DOUBLE",
-    "lam": "DOUBLE", "p_knn_column": "VARCHAR", "lam_column": "VARCHAR", "eps": "DOUBLE", "valid_ppl_lm": "DOUBLE",
-    "valid_ppl": "DOUBLE", "ppl": "DOUBLE", "notes": "VARCHAR",
-}
-RULE_TYPES = {"variant": "VARCHAR", "bin": "INTEGER", "lo": "DOUBLE", "hi": "DOUBLE", "lam": "DOUBLE",
-              "n_valid": "INTEGER"}
+MITIGATION_TYPES, RULE_TYPES = schema.types("mitigations"), schema.types("adaptive_lambda")
 
 
 def write_mitigations(con: duckdb.DuckDBPyConnection, tables: dict[str, pd.DataFrame]) -> None:
@@ -135,7 +85,7 @@ def write_mitigations(con: duckdb.DuckDBPyConnection, tables: dict[str, pd.DataF
     con.execute(f"CREATE VIEW mitigation_tokens AS SELECT {keep}{lams} FROM mitigation_tokens_data")
 
 
-DOCUMENT_TYPES = {"doc_id": "INTEGER", "first_pos": "INTEGER", "n_positions": "INTEGER", "title": "VARCHAR"}
+DOCUMENT_TYPES = schema.types("documents")
 
 # SPEC §11: per (document, frequency bin) sums behind every per-bin figure, so that a bootstrap is a
 # resampling of these rows (knnlm_core.bootstrap). A view: it costs the shipped runs no data block.
@@ -145,9 +95,8 @@ SELECT e.doc_id, e.freq_bin, count(*) AS n_tokens,
        sum(e.nll_lm) AS sum_nll_lm, sum(e.nll_knnlm) AS sum_nll_knnlm,
        sum(e.p_lm) AS sum_p_lm, sum(e.p_knn) AS sum_p_knn, sum((e.gain < 0)::INTEGER) AS n_harmed,
        {", ".join(f"sum(e.hit_{k}::INTEGER) AS n_hit_{k}" for k in HIT_KS)},
-       sum(e.recall_16) AS sum_recall_16, sum(e.recall_64) AS sum_recall_64, sum(e.recall_1024) AS sum_recall_1024,
-       {", ".join(f"sum(-ln(r.lam * e.{c} + (1 - r.lam) * e.p_lm)) AS sum_nll_{c[6:]}"
-                  for c in ("p_knn_ivf_pq", "p_knn_ivf_exact", "p_knn_exact"))}
+       {", ".join(f"sum(e.recall_{k}) AS sum_recall_{k}" for k in RECALL_KS)},
+       {", ".join(f"sum(-ln(r.lam * e.p_knn_{s} + (1 - r.lam) * e.p_lm)) AS sum_nll_{s}" for s in schema.EXACT_SETTINGS)}
 FROM eval_tokens e, (SELECT "lambda" AS lam FROM run) r
 GROUP BY e.doc_id, e.freq_bin
 """
@@ -204,8 +153,75 @@ def write_database(path: Path, tables: dict[str, pd.DataFrame], datastore_from: 
     return path
 
 
-def open_readonly(path: Path) -> duckdb.DuckDBPyConnection:
-    """Read-only connection to a run database; RunSchemaError if absent, corrupt or outdated."""
+# ---------------------------------------------------------------- damaged files (bad input, not bugs)
+# What DuckDB 2.0 raises for a damaged run file (found by overwriting bytes of real run files): a block whose
+# checksum does not match is a plain duckdb.Error "Corrupt database file: computed checksum ... in block at
+# location N", raised when the block is read (at connect for a catalog block, else by the first query that reads
+# it); a truncated file is a duckdb.IOException "Could not read enough bytes from file"; a damaged header an
+# IOException "... is not a valid DuckDB database file". Other errors (a SQL bug, a lock held by a writer) are not
+# damage and pass unchanged.
+CORRUPTION_MARKS = ("Corrupt database file", "Could not read enough bytes", "not a valid DuckDB database file")
+
+
+class CorruptRunError(RunSchemaError, ValueError):
+    """A run database whose bytes are damaged: bad input (a ValueError), one line naming the file and the fix."""
+
+
+def is_corruption(err: BaseException) -> bool:
+    """Whether `err` is DuckDB's report of a damaged database file (see CORRUPTION_MARKS)."""
+    return isinstance(err, duckdb.Error) and any(mark in str(err) for mark in CORRUPTION_MARKS)
+
+
+def corrupt_error(path: Path, err: BaseException, config: str = "...") -> CorruptRunError:
+    """The one-line CorruptRunError for damaged file `path`: DuckDB's first line and the rebuild command."""
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    return CorruptRunError(f"{path} is garbled ({reason}): rebuild it with `python -m precompute --config {config} "
+                           f"--run-dir {Path(path).parent} --overwrite` (the other stages' outputs are reused)")
+
+
+@contextmanager
+def corruption_is_bad_input(path: Path, config: str = "...") -> Iterator[None]:
+    """Inside this block, DuckDB's damage errors become `corrupt_error(path)` (for any reader of `path`)."""
+    try:
+        yield
+    except duckdb.Error as err:
+        if is_corruption(err):
+            raise corrupt_error(Path(path), err, config) from err
+        raise
+
+
+def check_readable(con: duckdb.DuckDBPyConnection, path: Path, config: str = "...") -> None:
+    """Read every stored value of every table of `con` once; CorruptRunError naming `path` on a damaged block.
+
+    count(*) and min / max are answered from DuckDB's metadata and statistics without reading data blocks, so
+    every column is hashed instead (the shipped demo: ~0.3 s on 2 cores). Views are left out (they read tables).
+    """
+    with corruption_is_bad_input(path, config):
+        tables = con.execute("SELECT database_name, schema_name, table_name FROM duckdb_tables() "
+                             "WHERE database_name = current_database() ORDER BY table_name").fetchall()
+        for db, sch, table in tables:
+            con.execute(f'SELECT sum(hash(COLUMNS(*))) FROM "{db}"."{sch}"."{table}"').fetchall()
+
+
+def check_file(path: Path, config: str = "...") -> None:
+    """Raise CorruptRunError when the run database at `path` is damaged anywhere (see check_readable); other
+    failures to open it (a lock held by a writer) are not damage and are left to the caller's own checks."""
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as err:
+        if is_corruption(err):
+            raise corrupt_error(Path(path), err, config) from err
+        return
+    try:
+        check_readable(con, Path(path), config)
+    finally:
+        con.close()
+
+
+def open_readonly(path: Path, check: bool = False) -> duckdb.DuckDBPyConnection:
+    """Read-only connection to a run database; RunSchemaError if absent, unreadable or outdated, CorruptRunError
+    (also a ValueError) if damaged. With `check`, every stored value is read once first (check_readable), so a
+    damaged block anywhere is found here; without it, wrap later reads in `corruption_is_bad_input(path)`."""
     path = Path(path)
     if not path.is_file():
         raise RunSchemaError(f"no {DB_NAME} at {path.parent} (build the run with `python -m precompute`)")
@@ -215,6 +231,8 @@ def open_readonly(path: Path) -> duckdb.DuckDBPyConnection:
     except duckdb.Error as err:
         if "con" in locals():
             con.close()
+        if is_corruption(err):
+            raise corrupt_error(path, err) from err
         raise RunSchemaError(f"{path} is not a readable run database ({str(err).splitlines()[0]}); rebuild it") from err
     if version is None or version[0] != SCHEMA_VERSION:
         con.close()
@@ -228,6 +246,8 @@ def open_readonly(path: Path) -> duckdb.DuckDBPyConnection:
         shared = con.execute("SELECT datastore_tokens_from FROM run").fetchone()[0]
     except duckdb.Error as err:
         con.close()
+        if is_corruption(err):
+            raise corrupt_error(path, err) from err
         raise RunSchemaError(f"{path} lacks columns of schema version {SCHEMA_VERSION} ({str(err).splitlines()[0]}); "
                              "rebuild it with `python -m precompute --config ... --run-dir ... --overwrite`") from err
     if shared:
@@ -236,5 +256,15 @@ def open_readonly(path: Path) -> duckdb.DuckDBPyConnection:
             con.close()
             raise RunSchemaError(f"run at {path.parent} reads its datastore tokens from {shared}, which is missing: "
                                  "restore that run or rebuild this one without datastore_tokens_from")
-        con.execute(f"ATTACH ? AS {SHARED_DATASTORE} (READ_ONLY)", [str(other)])
+        # DuckDB shares one database instance per file within a process: a second connection to the same run
+        # already sees the attachment (attaching again raises "already exists").
+        attached = {r[0] for r in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()}
+        if SHARED_DATASTORE not in attached:
+            con.execute(f"ATTACH ? AS {SHARED_DATASTORE} (READ_ONLY)", [str(other)])
+    if check:
+        try:
+            check_readable(con, path)
+        except CorruptRunError:
+            con.close()
+            raise
     return con

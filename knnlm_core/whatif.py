@@ -10,6 +10,11 @@
   (k <= S: the index's top-k is the prefix of its top-run.k) and the data hold the requested
   distance source; otherwise re-scored from the S stored ones and labelled approximate, or
   labelled not available (`plan` decides; the page shows the run's own value beside).
+- Baselines (`baseline_for`): a change is measured against the run itself only when the scenario's
+  p_kNN stands for what it says (the run's own, or re-scored from all k requested neighbours). A
+  scenario re-scored from fewer neighbours than its k (a shipped run: 16 of 1,024) is compared with
+  the run's τ, source and λ re-scored from the SAME neighbours, so truncation never reads as a
+  parameter effect; the run's own PPL is context only.
 - Mitigation experiments: the per-frequency-bin λ (an ORACLE, an upper bound: the target's
   bin is unknown at test time; `knnlm_core.adaptive`), and IDF-weighted p_kNN: neighbour j
   weighs exp(-d_j / τ) · idf(v_j), idf(v) = ln(1 + N / freq(v)), renormalised.
@@ -26,8 +31,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from knnlm_core import adaptive, bootstrap, intervals, knn, neighbours
+from knnlm_core import adaptive, bootstrap, knn, neighbours
 from knnlm_core.bins import bin_labels
+from knnlm_core.read import ci as intervals
 from knnlm_core.rescore import p_knn
 
 SOURCES = ("pq", "exact")
@@ -241,6 +247,55 @@ def plan(k: int, tau: float, source: str, run: RunSettings) -> Plan:
     )
 
 
+RUN = "run"  # name of the run-itself baseline (`change_<scenario>` against the run's own kNN-LM)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What a scenario's PPL change is measured against."""
+
+    name: str  # table suffix: RUN, or "run@S" for the run's settings re-scored from S stored neighbours
+    k_used: int  # 0: the run's own p_kNN (all run.k neighbours); S > 0: re-scored from the first S stored
+    label: str  # the headline's wording ("vs the run's settings re-scored from the same 16 neighbours")
+
+
+def baseline_for(k: int, k_used: int, run: RunSettings) -> Baseline:
+    """Baseline of a scenario asking for k neighbours and re-scored from k_used (0 = the run's own p_kNN):
+    the run itself when nothing is truncated (k_used 0 or >= k), else the run's τ, source and λ re-scored
+    from the same k_used stored neighbours."""
+    if k_used == 0 or k_used >= k:
+        return Baseline(RUN, 0, f"vs the run's own kNN-LM (k = {run.k}, τ = {run.tau:g}, {run.source} distances, "
+                                f"λ = {run.lam:g})")
+    return Baseline(f"run@{k_used}", k_used,
+                    f"vs the run's settings re-scored from the same {k_used} neighbours (τ = {run.tau:g}, "
+                    f"{run.source} distances, λ = {run.lam:g})")
+
+
+def baseline_p(data: StoredNeighbours, base: Baseline, run: RunSettings, p_knn: np.ndarray | None = None) -> np.ndarray:
+    """p_kNNLM (T,) of a baseline at the run's λ: the run's own p_kNN for RUN, else `p_knn` (the run's τ and
+    source re-scored from base.k_used neighbours; computed here when not given)."""
+    if base.k_used == 0:
+        return interpolate(data, run.lam)
+    if p_knn is None:
+        p_knn = rescore(data, base.k_used, run.tau, run.source)
+    return interpolate(data, run.lam, p_knn)
+
+
+def adaptive_note(variants: pd.DataFrame | None, run_ppl: float, corpus: str, n_valid: int) -> str:
+    """The sentence about adaptive λ under the per-bin λ editor, from the run's `mitigations` rows (None: the
+    run has no mitigation tables); `corpus` is the validation corpus as the page renders it."""
+    head = ("Adaptive λ from what is known at test time (nearest neighbour's distance, LM entropy) is fitted on a "
+            "validation split")
+    if variants is None:
+        return head + ", which this run does not have (built without a validation corpus: no mitigation tables)."
+    rows = variants[variants["lam_column"].notna()] if "lam_column" in variants else variants.iloc[:0]
+    if rows.empty:
+        return head + f": this run's ({corpus}, {n_valid:,} tokens) has no adaptive λ variant in its mitigation tables."
+    fitted = " and ".join(f"{r['ppl']:,.2f} ({r['label']})" for _, r in rows.iterrows())
+    return (head + f": on this run's ({corpus}, {n_valid:,} tokens) it gives PPL {fitted} on the evaluation set, "
+            f"against {run_ppl:,.2f} for the run's single λ (Mitigations page).")
+
+
 def idf(type_freq: np.ndarray, n_entries: int) -> np.ndarray:
     """idf(v) = ln(1 + N / freq(v)) per token id (V,); 0 for tokens absent from the datastore."""
     f = type_freq.astype(np.float64)
@@ -282,6 +337,23 @@ def lam_per_position(freq_bin: np.ndarray, lam_by_bin: dict[int, float], default
     return lam
 
 
+def lam_editor_frame(lam_by_bin: dict[int, float]) -> pd.DataFrame:
+    """The per-bin λ editor's rows: `bin` (label, e.g. '10–99') and `lam`, bins ascending."""
+    bins = sorted(lam_by_bin)
+    return pd.DataFrame({"bin": bin_labels(bins), "lam": [float(lam_by_bin[b]) for b in bins]})
+
+
+def lams_from_editor(frame: pd.DataFrame, lam_by_bin: dict[int, float]) -> dict[int, float]:
+    """{bin: λ} from the edited editor rows (labels mapped back to bins); a cleared or out-of-range cell keeps
+    the pre-filled λ of `lam_by_bin`."""
+    by_label = dict(zip(bin_labels(sorted(lam_by_bin)), sorted(lam_by_bin), strict=True))
+    out = dict(lam_by_bin)
+    for label, lam in zip(frame["bin"], frame["lam"], strict=True):
+        if label in by_label and pd.notna(lam) and 0.0 <= float(lam) <= 1.0:
+            out[by_label[label]] = float(lam)
+    return out
+
+
 def ppl_by_bin(freq_bin: np.ndarray, p_lm: np.ndarray, p: np.ndarray) -> pd.DataFrame:
     """Per bin (ascending): n_tokens and exp(mean -ln p) of p_lm and of p (both (T,))."""
     bins, inv = np.unique(freq_bin, return_inverse=True)
@@ -295,23 +367,30 @@ def ppl_by_bin(freq_bin: np.ndarray, p_lm: np.ndarray, p: np.ndarray) -> pd.Data
 
 
 def scenario_table(run_bins: pd.DataFrame, data: StoredNeighbours, scenarios: dict[str, np.ndarray],
-                   doc_id: np.ndarray, n_docs: int, run_lam: float) -> pd.DataFrame:
-    """Per bin: the run's PPLs (from queries.bin_summary, with their intervals) and, for each scenario's
-    p_kNNLM (T,), `ppl_<name>` and `change_<name>` (relative to the run's kNN-LM, paired) with SPEC §11
-    intervals and the verdict `<name>_vs_run`."""
+                   doc_id: np.ndarray, n_docs: int, run_lam: float, baselines: dict[str, np.ndarray] | None = None,
+                   against: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per bin: the run's PPLs (from read.bins.bin_summary, with their intervals), each extra baseline's
+    p_kNNLM (T,) as `ppl_<baseline>` with its interval, and for each scenario's p_kNNLM (T,) `ppl_<name>`
+    and `change_<name>` relative to its baseline (`against[name]`, default RUN: the run's kNN-LM; paired)
+    with SPEC §11 intervals and the verdict `<name>_vs_<baseline>`."""
+    baselines, against = baselines or {}, against or {}
     keep = ["freq_bin", "bin", "n_tokens", "n_docs", "ppl_lm", "ppl_lm_ci_lo", "ppl_lm_ci_hi", "ppl_knnlm",
             "ppl_knnlm_ci_lo", "ppl_knnlm_ci_hi"]
     table = run_bins[[c for c in keep if c in run_bins]].rename(
         columns=lambda c: c.replace("ppl_knnlm", "ppl_knnlm_run"))
+    nll_of = {RUN: "nll_run", **{b: f"nll_b{i}" for i, b in enumerate(baselines)}}
     with np.errstate(divide="ignore"):
         sums = {"nll_run": -np.log(knn.interpolate(data.p_lm, data.p_knn_run, run_lam)),
+                **{nll_of[b]: -np.log(p) for b, p in baselines.items()},
                 **{f"nll_{i}": -np.log(p) for i, p in enumerate(scenarios.values())}}
-    figs = []
+    figs = [bootstrap.ppl(f"ppl_{b}", nll_of[b]) for b in baselines]
     for i, name in enumerate(scenarios):
-        figs += [bootstrap.ppl(f"ppl_{name}", f"nll_{i}"), bootstrap.ppl_change(f"change_{name}", f"nll_{i}", "nll_run")]
+        base = against.get(name, RUN)
+        figs += [bootstrap.ppl(f"ppl_{name}", f"nll_{i}"),
+                 bootstrap.ppl_change(f"change_{name}", f"nll_{i}", nll_of[base])]
     ci = intervals.per_position_intervals(doc_id, data.freq_bin, n_docs, sums, figs)
     for name in scenarios:
-        intervals.add_verdict(ci, f"change_{name}", f"{name}_vs_run", "lower", "higher")
+        intervals.add_verdict(ci, f"change_{name}", f"{name}_vs_{against.get(name, RUN)}", "lower", "higher")
     return table.merge(ci.drop(columns=["n_tokens", "n_docs", "ci_note"]), on="freq_bin", how="left")
 
 

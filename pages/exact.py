@@ -8,9 +8,9 @@ search changes the kNN-LM NLL most link into the neighbour inspector.
 
 import streamlit as st
 
-from knnlm_core import queries
+from knnlm_core import read
 from knnlm_core.bins import bin_label
-from ui import cache, ci, figures, widgets
+from ui import cache, ci, figures, links, show, widgets
 
 run, info = widgets.current_run()
 st.title("Exact vs PQ search")
@@ -38,10 +38,7 @@ c[3].metric("exact search", f"{tot['ppl_exact']:.2f}", delta=f"{tot['ppl_exact']
             delta_color="inverse")
 
 c1, c2 = st.columns(2)
-c1.plotly_chart(figures.lines_by_bin(
-    df, {"ppl_lm": "LM", "ppl_ivf_pq": "IVFPQ + PQ dist.", "ppl_ivf_exact": "IVFPQ + exact dist.",
-         "ppl_exact": "exact search"},
-    "Perplexity per bin under the three search settings", "perplexity", log_y=True))
+c1.plotly_chart(figures.exact_change_by_bin(df))
 c2.plotly_chart(figures.bin_bars(
     df, {"share_explained_by_distances": "PQ distances", "share_explained_by_neighbours": "IVFPQ neighbours",
          "share_explained_by_quantization": "both"},
@@ -49,7 +46,7 @@ c2.plotly_chart(figures.bin_bars(
 recall_cols = {f"recall_{r}": f"recall@{r}" for r in (16, 64, 1024) if f"recall_{r}" in df}
 c1.plotly_chart(figures.bin_bars(df, recall_cols, "Recall of the index's neighbours vs exact search", "recall",
                                  percent=True))
-ks = queries.hit_ks_for(k)
+ks = read.run.hit_ks_for(k)
 shown = sorted({max(kk for kk in ks if kk <= 64), ks[-1]})  # a small cut-off and the run's largest
 c2.plotly_chart(figures.bin_bars(
     df, {f"hit_{kk}_{src}": f"hit@{kk} {src}" for kk in shown for src in ("index", "exact")},
@@ -60,9 +57,9 @@ st.markdown(
     "`share_explained_by_quantization` = (Δ IVFPQ − Δ exact) / Δ IVFPQ: 100% means exact search removes kNN-LM's "
     "whole effect on the bin, 0% that quantization plays no part, a negative share that exact search makes the "
     "effect larger. It splits into PQ distances (same neighbours, exact distances) and neighbours (the index's vs "
-    f"the exact ones). Bins where |Δ| < {queries.MIN_EFFECT_NATS} nats have no share."
+    f"the exact ones). Bins where |Δ| < {read.exact.MIN_EFFECT_NATS} nats have no share."
 )
-st.dataframe(df, hide_index=True)
+show.table(df, hide_index=True)
 st.caption("`change_exact_vs_ivf_pq` (and `change_ivf_exact_vs_ivf_pq`): relative PPL change of exact search (exact "
            "distances) vs the paper's IVFPQ + PQ setting on the same tokens; `exact_vs_ivf_pq` its verdict. " + ci.METHOD)
 widgets.csv_button(df, f"{run}-exact-vs-pq")
@@ -73,11 +70,12 @@ pick = st.selectbox("Bin", ["all", *bins], key="exact_bin", format_func=lambda b
 changes = cache.q(run, "exact_changes", lam, None if pick == "all" else int(pick), 200)
 st.caption("`nll_saved_by_exact` > 0: exact search lowers the kNN-LM NLL of the target. Select a row to compare the "
            "exact neighbours with the index's in the neighbour inspector.")
-event = st.dataframe(changes, hide_index=True, on_select="rerun", selection_mode="single-row", key="exact_changes")
-picked = event.selection.rows if event is not None else []
-if picked:
-    st.switch_page("pages/neighbors.py", query_params={"run": run, "pos": int(changes.iloc[picked[0]]["pos"])})
+event = show.table(changes, hide_index=True, on_select="rerun", selection_mode="single-row", key="exact_changes")
+target = links.row_target(event, changes["pos"].tolist())
+if target is not None:  # only the unbound `pos`: the run stays the sidebar's (ui.links)
+    st.switch_page(links.NEIGHBORS_PAGE, query_params={"pos": str(target)})
 if not changes.empty:
     first = int(changes.iloc[0]["pos"])
     st.page_link("pages/neighbors.py", label=f"Inspect position {first} (first row)", icon=":material/hub:",
                  query_params={"run": run, "pos": first})
+widgets.copy_link("exact")

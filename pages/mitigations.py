@@ -5,8 +5,8 @@ oracle per-frequency-bin λ, labelled as the upper bound it is."""
 
 import streamlit as st
 
-from knnlm_core import adaptive, mitigations, queries
-from ui import cache, ci, figures, widgets
+from knnlm_core import adaptive, mitigations, read
+from ui import cache, ci, figures, show, widgets
 
 ORACLE = adaptive.ORACLE_LABEL
 run, info = widgets.current_run()
@@ -25,7 +25,7 @@ try:
         per_variant = {v: cache.q(run, "variant_bin_summary", v) for v in variants["variant"]}
         totals = {v: cache.q(run, "variant_overall", v) for v in variants["variant"]}
         per_variant[ORACLE] = cache.q(run, "oracle_bin_summary")
-except queries.MitigationError as err:
+except read.mitigations.MitigationError as err:
     widgets.fail(f"The run's mitigation tables are inconsistent: {err}")
 compared = mitigations.compare_to_plain(per_variant)
 names = {**dict(zip(variants["variant"], variants["label"])), ORACLE: ORACLE}
@@ -52,7 +52,7 @@ st.caption(
 )
 
 table = mitigations.variants_table(variants, totals, per_variant[ORACLE], info["temperature"])
-st.dataframe(table, hide_index=True)
+show.table(table, hide_index=True)
 stale = [v for v, s in zip(variants["variant"], variants["ppl"]) if s > 0 and abs(totals[v]["ppl"] / s - 1) > 1e-5]
 if stale:
     st.warning(f"Stored evaluation PPL differs from the recomputed one for: {', '.join(stale)} (shown: recomputed).")
@@ -66,7 +66,7 @@ st.markdown("\n".join(f"- {mitigations.rare_bin_verdict(compared, v, names[v], g
 st.caption("Verdict per bin (SPEC §11): `helps` / `hurts` only when the 95% interval of the PPL change vs plain "
            "excludes 0, else `no significant difference`; error bars and `*_ci_lo` / `*_ci_hi` are those intervals. "
            "The sentences pool the rare bins (1 ≤ freq < 1,000) and the frequent ones (≥ 10k). " + ci.METHOD)
-st.dataframe(compared, hide_index=True)
+show.table(compared, hide_index=True)
 widgets.csv_button(compared, f"{run}-mitigations")
 
 st.subheader("Fitted adaptive-λ rules (validation corpus)")
@@ -76,4 +76,4 @@ if rules.empty:
 else:
     st.caption("λ of each equal-population bin of the validation feature (lo ≤ feature < hi); evaluation positions "
                "outside the validation range fall into the end bins. n_valid: validation positions in the bin.")
-    st.dataframe(rules, hide_index=True)
+    show.table(rules, hide_index=True)

@@ -6,24 +6,31 @@ query highlighted and copy neighbours marked (SPEC §12)."""
 import numpy as np
 import streamlit as st
 
-from knnlm_core import infgram
-from ui import cache, figures, widgets
-from ui.params import parse_int
+from knnlm_core import infgram, read
+from ui import cache, figures, links, show, widgets
+from ui.params import Parsed, parse_float, parse_int
 from ui.render import context_html, fmt_p, neighbour_context_html, show_token
+
+NEIGHBOUR_WIDTH = 128  # datastore tokens shown before one chosen neighbour's entry
 
 run, info = widgets.current_run()
 st.title("Neighbour inspector")
-last = info["n_eval"] - 1
-asked = widgets.url_param("pos", lambda raw: parse_int("pos", raw, 0, last, 0, "position 0"))
+last = max(int(info["n_eval"]) - 1, 0)
+first = min(cache.q(run, "default_position"), last)  # no ?pos=: an informative first view, not position 0
+asked = widgets.url_param("pos", lambda raw: parse_int("pos", raw, 0, last, first, f"position {first}"))
 # A float input: Streamlit's int number_input seeds itself from the URL with int(float(value)), which
 # raises OverflowError on ?pos=inf; the float one treats a non-finite value as invalid.
-pos = int(widgets.settle("pos", asked, st.number_input("Evaluation position", 0.0, float(last), 0.0, 1.0, "%.0f",
-                                                         key="pos", bind="query-params")))
+pos = int(widgets.settle("pos", asked, st.number_input("Evaluation position", 0.0, float(last), float(first), 1.0,
+                                                         "%.0f", key="pos", bind="query-params")))
+if not st.query_params.get_all("pos") and pos == first:
+    st.caption(f"Opened on position {first}: without `?pos=`, the inspector shows the position whose rare target "
+               "(datastore frequency 1–999) kNN-LM changes most (largest |gain|) among positions with a full "
+               f"{read.inspector.CONTEXT_WIDTH}-token context.")
 
 row = cache.q(run, "eval_row", pos)
 if not row:
     widgets.fail(f"Position {pos} is not in this run's evaluation set.")
-ctx = cache.q(run, "eval_context", pos, 64)
+ctx = cache.q(run, "eval_context", pos, read.inspector.CONTEXT_WIDTH)
 match_len = int(row["ctx_match_len"])
 st.markdown(context_html(list(ctx["token"].fillna("?")), row["token"], match_len), unsafe_allow_html=True)
 st.caption(
@@ -71,7 +78,17 @@ st.caption(
     f"neighbours ({info['distance_source']} distances, τ = {info['temperature']}). The hit rows' weights over all "
     f"k sum to p_kNN = {fmt_p(row['p_knn'])}."
 )
-st.dataframe(
+ranks = [int(r) for r in nb["rank"]]
+
+
+def open_neighbour() -> None:  # on_select callback: runs before the next script run, so the `nbr` input takes it
+    rows = [r for r in links.selected_rows(st.session_state.get("nbr_table")) if r < len(ranks)]
+    if rows:
+        st.session_state["nbr"] = float(ranks[rows[0]])
+
+
+st.caption("Select a row to show that neighbour's datastore entry and its longer context below.")
+show.table(
     nb,
     hide_index=True,
     column_config={
@@ -79,8 +96,42 @@ st.dataframe(
             format="%.4f", min_value=0.0, max_value=float(max(nb["weight_in_p_knn"].max(), 1e-12))
         )
     },
+    on_select=open_neighbour,
+    selection_mode="single-row",
+    key="nbr_table",
 )
 widgets.csv_button(nb, f"{run}-pos-{pos}-neighbours")
+
+st.subheader("A neighbour's datastore entry")
+
+
+def parse_rank(raw: list[str]) -> Parsed[int]:
+    """`nbr`: a whole neighbour rank; '4.0' is taken too (the float input below writes its value so)."""
+    got = parse_float("nbr", raw, ranks[0], ranks[-1], ranks[0], f"neighbour {ranks[0]}")
+    if got.value != int(got.value):
+        return Parsed(ranks[0], f"URL parameter `nbr` is not a whole number; using neighbour {ranks[0]}.")
+    return Parsed(int(got.value), got.note)
+
+
+asked_nbr = widgets.url_param("nbr", parse_rank)
+nbr = int(widgets.settle("nbr", asked_nbr, st.number_input(
+    "Neighbour (rank)", float(ranks[0]), float(ranks[-1]), float(ranks[0]), 1.0, "%.0f", key="nbr",
+    bind="query-params")))
+one = nb[nb["rank"] == nbr]
+if one.empty:
+    st.info(f"No neighbour of rank {nbr} is stored for this position.")
+else:
+    r = one.iloc[0]
+    wide = cache.q(run, "neighbor_context_tokens", pos, NEIGHBOUR_WIDTH)
+    toks = wide.loc[wide["rank"] == nbr, "tokens"]
+    st.caption(f"Datastore entry {int(r['entry']):,} (neighbour {nbr}): its value {show_token(r['token'])} "
+               f"(id {int(r['token_id'])}{', the target' if r['hit'] else ''}), PQ distance {r['distance_pq']:.4g}, "
+               f"exact distance {r['distance_exact']:.4g}, weight in p_kNN {r['weight_in_p_knn']:.4f}; the last "
+               f"{NEIGHBOUR_WIDTH} tokens of the datastore text before it, the {int(r['overlap'])} it shares with "
+               "the query highlighted.")
+    if not toks.empty:
+        st.markdown(neighbour_context_html(nbr, list(toks.iloc[0]), r["overlap"], r["token"], bool(r["copy"])),
+                    unsafe_allow_html=True)
 
 st.subheader("Context overlap with the query")
 width = min(infgram.MAX_LEN, max(16, int(nb["overlap"].max()) + 4))
@@ -109,8 +160,9 @@ if cache.q(run, "has_exact"):
     )
     left, right = st.columns(2)
     left.markdown("**Index (IVFPQ)**")
-    left.dataframe(nb[["rank", "entry", "token", "hit", "distance_exact", "context"]], hide_index=True)
+    show.table(nb[["rank", "entry", "token", "hit", "distance_exact", "context"]], where=left, hide_index=True)
     right.markdown("**Exact**")
-    right.dataframe(ex[["rank", "entry", "token", "hit", "distance_exact", "in_index_top", "context"]],
-                    hide_index=True)
+    show.table(ex[["rank", "entry", "token", "hit", "distance_exact", "in_index_top", "context"]], where=right,
+               hide_index=True)
     widgets.csv_button(ex, f"{run}-pos-{pos}-exact-neighbours")
+widgets.copy_link("neighbors", pos=pos, nbr=nbr)

@@ -4,8 +4,9 @@ share and token counts (with SPEC §11 intervals), and the ∞-gram interpolatio
 
 import streamlit as st
 
-from knnlm_core import infgram, queries
-from ui import cache, ci, figures, findings, widgets
+from knnlm_core import infgram, read
+from ui import cache, ci, figures, links, show, widgets
+from ui.params import parse_choice
 
 run, info = widgets.current_run()
 k = info["k"]
@@ -21,9 +22,11 @@ st.caption(
 
 cells = cache.q(run, "novelty_summary", k)
 by_ctx = cache.q(run, "novelty_summary", k, by_freq=False)
-st.markdown(findings.novelty_sentence(by_ctx, cells))
+if cells.empty or by_ctx.empty:
+    widgets.fail("This run has no evaluation token to split by context match length.", info=True)
+st.markdown(read.novelty.novelty_sentence(by_ctx, cells))
 
-ks = queries.hit_ks_for(k)
+ks = read.run.hit_ks_for(k)
 hit_k = 16 if 16 in ks else ks[-1]
 metrics = {  # label -> (column, number format, which side is better: a diverging scale)
     "PPL change, kNN-LM vs LM": ("ppl_change", "+.1%", "lower"),
@@ -36,11 +39,26 @@ metrics = {  # label -> (column, number format, which side is better: a divergin
 if "infgram_change" in cells:
     metrics["PPL change, ∞-gram interpolation vs LM"] = ("infgram_change", "+.1%", "lower")
     metrics["PPL change, kNN-LM vs ∞-gram interpolation"] = ("knnlm_vs_infgram_change", "+.1%", "lower")
-shown = st.selectbox("Cell colour", list(metrics), key="novelty_metric")
+names = list(metrics)
+asked_metric = widgets.url_param("novelty_metric", lambda raw: parse_choice("novelty_metric", raw, names, names[0]))
+shown = widgets.settle("novelty_metric", asked_metric, st.selectbox("Cell colour", names, key="novelty_metric",
+                                                                    bind="query-params"))
 col, fmt, better = metrics[shown]
-st.plotly_chart(figures.novelty_heatmap(cells, col, f"{shown} per target-frequency × context-match-length cell", fmt,
-                                        better))
-st.dataframe(cells, hide_index=True)
+freq_bins = cells.drop_duplicates("freq_bin")[["freq_bin", "bin"]]
+bin_of = dict(zip(freq_bins["bin"], freq_bins["freq_bin"].astype(int), strict=True))
+
+
+def open_bin() -> None:  # on_select callback: a cell's row is its target-frequency bin (ui.widgets.stage_link)
+    label = links.bin_target(st.session_state.get("novelty_pick"), list(bin_of), axis="y")
+    if label is not None:
+        widgets.stage_link(links.TOKENS_PAGE, {"bin": (bin_of[label], bin_of[label])}, {"bin": [label, label]})
+
+
+heat = figures.novelty_heatmap(cells, col, f"{shown} per target-frequency × context-match-length cell", fmt, better)
+heat = links.clickable_cells(heat, "click: this target-frequency bin's token types")
+st.plotly_chart(heat, on_select=open_bin, selection_mode="points", key="novelty_pick")
+st.caption("Click a cell to open its target-frequency bin's token types in the Token explorer.")
+show.table(cells, hide_index=True)
 st.caption(
     "One row per (target-frequency bin, L_t bin) cell. `ppl_change` = PPL kNN-LM / PPL LM − 1 with its paired "
     "interval and verdict `knnlm_vs_lm`; `share_of_gain` = the cell's sum of NLL gain / the run's (blank when "
@@ -58,5 +76,6 @@ st.plotly_chart(figures.novelty_by_ctx(by_ctx))
 if "infgram_change" not in by_ctx:
     st.caption("This run has no ∞-gram baseline: it is fitted on a validation corpus (add `valid_corpus` to the "
                "run's config and rebuild with `--overwrite`).")
-st.dataframe(by_ctx, hide_index=True)
+show.table(by_ctx, hide_index=True)
 widgets.csv_button(by_ctx, f"{run}-novelty-by-context")
+widgets.copy_link("novelty", novelty_metric=None if shown == names[0] else shown)

@@ -3,7 +3,8 @@ findings (SPEC §6, §8) and the context-novelty rows (SPEC §12) checked on thi
 
 import streamlit as st
 
-from ui import cache, ci, figures, findings, widgets
+from knnlm_core import read
+from ui import cache, ci, figures, show, widgets
 
 MARKS = {True: "⚠", False: "✗", None: "–"}  # a note on a finding that holds is a caveat; "≈": not significant
 CI_COLUMNS = ("freq_bin", "bin", "n_tokens", "n_docs", "ppl_lm", "ppl_knnlm", "ppl_change", "knnlm_vs_lm", "ci_note")
@@ -37,16 +38,16 @@ st.caption(ci.overall_ci_caption(tot))
 st.plotly_chart(figures.ppl_by_bin(bins, "Perplexity per target-frequency bin: LM vs kNN-LM"))
 with st.expander("Per-bin perplexity with 95% intervals"):
     per_bin = bins[[c for c in bins.columns if c.split("_ci_")[0] in CI_COLUMNS]]
-    st.dataframe(per_bin, hide_index=True)
+    show.table(per_bin, hide_index=True)
     widgets.csv_button(per_bin, f"{run}-ppl-by-bin")
 
 st.subheader("The paper's findings on this run")
 exact = cache.q(run, "exact_bin_summary", k, float(info["lambda"])) if cache.q(run, "has_exact") else None
-checks = findings.evaluate(
+checks = read.findings.evaluate(
     bins, k, cache.q(run, "corr_pq_error_gain"), cache.q(run, "corr_context_freq"), cache.q(run, "corr_freq_pq_error"),
     exact, cache.q(run, "novelty_findings"),
 )
-table = findings.to_frame(checks)
+table = read.findings.to_frame(checks)
 n_ok = sum(f.ok is True for f in checks)
 n_eval = sum(f.ok is not None for f in checks)
 n_ns = sum(f.ns for f in checks)
@@ -54,10 +55,13 @@ st.markdown(f"**{n_ok} of {n_eval}** checkable findings hold on this run" +
             (f"; {n_ns} show no significant difference (≈)." if n_ns else "."))
 st.caption("Per-bin claims are decided by 95% block-bootstrap intervals over evaluation documents (SPEC §11): ✓ / ✗ "
            "only when the interval of the difference excludes 0. Contamination is a per-type mean without an "
-           "interval; the correlations carry their p-values. The last two rows test the context-novelty reading of "
+           f"interval; a correlation counts only with p < {read.findings.ALPHA} (≈ otherwise). Each row's `rule` column "
+           "says how its verdict is decided. The last two rows test the context-novelty reading of "
            "the crisis (SPEC §12, Context novelty page): L_t is the length of the longest context suffix found in the "
            "datastore, and the share of the gain is decided by its own interval (> 50%).")
-st.dataframe(table, hide_index=True, column_config={"verdict": st.column_config.TextColumn(width="small")})
+show.table(table, hide_index=True, height="content",  # every row: no scrolling window of ten
+             column_config={"verdict": st.column_config.TextColumn(width="small"),
+                            "rule": st.column_config.TextColumn(help="how the verdict is decided")})
 for f in checks:
     if f.note:
         st.markdown(f"- {'≈' if f.ns else MARKS[f.ok]} {f.note}")

@@ -2,16 +2,20 @@
 
 Errors a user can fix are printed as one line `error: ...` with exit code 2, found before
 torch or faiss is imported and before anything is written (`precompute.preflight`); an
-unexpected error exits 1 with one line and the path of a log holding its traceback.
+unexpected error exits 1 with one line and the path of a log holding its traceback. A run whose
+metrics.duckdb is garbled (a damaged block) is refused the same way, untouched; with --overwrite
+the garbled file is kept aside and the database stage rebuilds it (temp file + rename).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from knnlm_core.config import load_config
-from precompute.cli import Parser, float_arg, int_in, path_arg, run_cli
+from precompute.cli import Parser, float_arg, int_in, path_arg, run_cli, say
 
 CLI_ONLY = ("config", "run_dir", "overwrite", "run_name", "executor", "ray_address")
 
@@ -45,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     over.add_argument("--index-factory", help="faiss index_factory string, e.g. IVF4096,PQ64")
     over.add_argument("--eval-corpus", help="evaluation text file")
     over.add_argument("--eval-limit-tokens", type=int_in(), help="evaluate only the first N tokens")
+    over.add_argument("--import-datastore", help='"knn-transformers:DIR": check and use that datastore (and its '
+                      "index) instead of extracting; datastore_corpus names the text that built it (docs/IMPORT.md)")
     over.add_argument("--store-neighbors", type=int_in(), help="neighbours per position kept in DuckDB")
     over.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when a GPU is visible")
     over.add_argument("--shard-size", type=int_in(), help="keys / positions / queries per shard (resume unit)")
@@ -57,6 +63,28 @@ def flag_names(args: argparse.Namespace) -> dict[str, str]:
     return {k: "--" + ("lambda" if k == "lam" else k.replace("_", "-")) for k in vars(args) if k not in CLI_ONLY}
 
 
+def set_aside_garbled(run_dir: Path, config: Path, overwrite: bool) -> None:
+    """Refuse a run whose metrics.duckdb is garbled (CorruptRunError: exit 2, nothing written); with
+    --overwrite keep it as metrics.duckdb.garbled, so the database stage sees no output and rebuilds it.
+
+    Needed because the stage runner's check of a finished database counts rows, which DuckDB answers
+    from metadata without reading (or checksumming) the data blocks: a rerun would trust a garbled file.
+    """
+    from knnlm_core import store
+
+    db = Path(run_dir) / store.DB_NAME
+    if not db.is_file():
+        return
+    try:
+        store.check_file(db, config=str(config))
+    except store.CorruptRunError:
+        if not overwrite:
+            raise
+        aside = db.with_name(db.name + ".garbled")
+        os.replace(db, aside)
+        say(f"{db} is garbled: kept as {aside.name}; the database stage rebuilds it")
+
+
 def build(argv: list[str] | None) -> int:
     """Validate everything cheap first (no torch / faiss import), then build the run."""
     args = parse_args(argv)
@@ -66,6 +94,7 @@ def build(argv: list[str] | None) -> int:
     from precompute.preflight import preflight
 
     preflight(cfg, args.run_dir, args.overwrite)
+    set_aside_garbled(args.run_dir, args.config, args.overwrite)
     # Imported only now: the pipeline imports torch and faiss (seconds), which bad input never waits for.
     from precompute.executor import make_executor
     from precompute.pipeline import build_run

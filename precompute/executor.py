@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from precompute.runner import Run, RunError
+from precompute.runner import Run, RunError, resolve_device
 
 EXECUTORS = ("local", "ray")
 RAY_MISSING = "ray is not installed: pip install -r requirements-ray.txt"
@@ -34,8 +34,9 @@ class ShardJob:
     key: str  # the stage key: every worker opens the stage's shard folder under it
     fn: Callable[[Run, ShardJob, int, Progress, Any], int]  # computes + saves shard i; returns units done
     load: Callable[[Run, ShardJob, int], Any] | None = None  # reads shard i's input (prefetched locally)
-    kind: str = "cpu"  # "model": runs the LM (GPU actors on a cluster); "cpu": CPU work
+    kind: str = "cpu"  # "gpu": the GPU pool (one actor per GPU: the LM, torch encoding, exact search); "cpu": CPU work
     folder: str = ""  # the shard folder, relative to the run directory
+    options: frozenset[str] = frozenset()  # the stage's switches for its shard function (search: "metrics")
 
 
 class LocalExecutor:
@@ -45,8 +46,6 @@ class LocalExecutor:
     in_process = True  # shard functions see the driver's memory (no files needed to share μ, indexes)
 
     def resolve_device(self, requested: str) -> str:
-        from precompute.pipeline import resolve_device
-
         return resolve_device(requested)
 
     def map(self, run: Run, job: ShardJob, todo: Iterable[int], progress: Progress = None) -> None:

@@ -1,9 +1,10 @@
 """The precompute pipeline: model -> datastore -> index -> kNN-LM scores -> DuckDB (the wiring).
 
 Phases: validate (nothing is written until config, corpora, model, run directory and
-index factory are known to fit) -> stages -> persist. Each stage lives in
-`precompute/stages/`, is keyed by a hash of what it depends on (the model by its
-fingerprint, not its path) and is resumable shard by shard (`precompute.runner`).
+index factory are known to fit) -> stages -> persist. The stages are `precompute.stages.STAGES`,
+run in order: each is keyed by a hash of what it depends on (its key fields and its upstream
+stages' keys; the model by its fingerprint, not its path) and is resumable shard by shard
+(`precompute.runner`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import platform
 import sys
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from knnlm_core import neighbours, store
-from knnlm_core.config import RunConfig, resolve_path
+from knnlm_core.config import RunConfig, check_import, resolve_path
 from knnlm_core.corpus import file_sha256, read_text, tokenize_file
 from knnlm_core.index import check_factory
 from precompute.preflight import check_model_files, check_run_dir, check_run_dir_writable, recorded_config
@@ -29,27 +31,15 @@ from precompute.runner import (
     digest,
     load_npy,
     model_source,
+    resolve_device,
     return_freed_memory,
     run_stage,
     save_json,
-    save_npy,
 )
-from precompute.stages.database import stage_database
-from precompute.stages.datastore import stage_datastore
-from precompute.stages.eval_lm import stage_eval_lm, stage_valid_lm
-from precompute.stages.exact import stage_exact
-from precompute.stages.index import stage_index
-from precompute.stages.mitigate import TAU_GRID, stage_mitigate
-from precompute.stages.search import outputs as search_outputs
-from precompute.stages.search import stage_search
-from precompute.stages.suffix import OUTPUTS as SUFFIX_OUTPUTS
-from precompute.stages.suffix import stage_suffix
-from precompute.stages.tokenize import stage_tokenize
-from precompute.stages.types import stage_types
-from precompute.stages.whiten import stage_whiten, whiten_outputs
-from precompute.stages.words import stage_words
+from precompute.stages import STAGES
+from precompute.stages import stage as stage_named
 
-__all__ = ["RunError", "build_run", "check_run_dir", "resolve_windows"]
+__all__ = ["RunError", "build_run", "check_run_dir", "resolve_device", "resolve_windows"]
 
 
 # ---------------------------------------------------------------- validation
@@ -106,22 +96,13 @@ def write_manifest(run: Run, corpora: dict) -> None:
                              if (b := neighbours.find_block(run.run_dir, *f.name.split("-", 1)))},
         "config": cfg.to_dict(),
     }
+    if info.get("imported"):  # the knn-transformers check report (precompute.stages.imported)
+        manifest["imported"] = info["imported"]
+        manifest["key_layout"] = f"imported: keys/shards.json -> {manifest['imported']['directory']}"
     if cfg.valid_corpus:  # SPEC §9: every variant with its chosen τ, ε and PPLs, and the fitted λ rules
         fitted = json.loads(run.path("mitigations.json").read_text())
         manifest["mitigations"] = {k: fitted[k] for k in ("valid_corpus", "n_valid", "tau_grid", "variants", "rules")}
     save_json(run.path("manifest.json"), manifest)
-
-
-def resolve_device(requested: str) -> str:
-    """"auto" -> cuda when a CUDA GPU is visible, else cpu; "cuda" without one is a RunError."""
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RunError("device = cuda but no CUDA GPU is visible here (use device = auto or cpu, or install a "
-                       "CUDA build of torch)")
-    return requested
 
 
 def model_fingerprint(cfg: RunConfig, run_dir: Path) -> str:
@@ -142,23 +123,6 @@ def model_fingerprint(cfg: RunConfig, run_dir: Path) -> str:
     return fp
 
 
-def valid_lm_stage(run: Run, corpora: dict, model_key: dict) -> str:
-    """Validation queries: the validation text tokenized and run through the model (SPEC §9)."""
-    cfg = run.cfg
-    va_key = {"tokenizer": cfg.tokenizer or cfg.model, "corpus": corpora["valid"], "lm_top": cfg.lm_top, **model_key}
-
-    def valid_lm(key: str) -> dict:
-        ids = tokenize_file(resolve_path(cfg.valid_corpus), run.tokenizer, cfg.valid_limit_tokens or None)
-        if len(ids) < 2:
-            raise RunError(f"valid_corpus {cfg.valid_corpus} has fewer than 2 tokens (choose a longer validation text)")
-        save_npy(run.path("valid_ids.npy"), ids)
-        run.memo.clear()
-        return stage_valid_lm(run, key)
-
-    return run_stage(run, "valid_lm", va_key, ["valid_ids.npy", "valid_queries.npy", "valid_lm.npz",
-                                               "valid_entropy.npy"], valid_lm)
-
-
 def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: str | None = None,
               executor=None) -> Path:
     """Validate, run every stage that is not up to date, and write the manifest. Returns run_dir.
@@ -176,6 +140,7 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     # ---- validate: nothing is written before these checks pass (precompute.preflight: no torch / faiss needed)
     check_run_dir_writable(run_dir)
     check_run_dir(run_dir, cfg, overwrite)
+    check_import(cfg)
     check_model_files(cfg)  # truncated weights fail here, not after earlier outputs were replaced
     facts = model_facts(cfg)
     max_context, stride = resolve_windows(cfg, facts["n_positions"])
@@ -189,7 +154,7 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
         path = resolve_path(rel)
         read_text(path)  # raises CorpusError if missing, empty or not UTF-8
         corpora[role] = {"path": rel, "sha256": file_sha256(path), "limit_tokens": limit}
-    run = Run(cfg=cfg, run_dir=run_dir, run_name=run_name or run_dir.name, executor=executor)
+    run = Run(cfg=cfg, run_dir=run_dir, run_name=run_name or run_dir.name, executor=executor, corpora=corpora)
     stages_path = run_dir / "stages.json"
     if stages_path.exists():  # stage keys hash the config, so a record under another config is simply not reused
         try:
@@ -198,21 +163,23 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
             run.stages = {}  # an unreadable record: every stage is checked and rebuilt as needed
     run.info.update(facts, max_context=max_context, stride=stride, device=device,
                     created_at=datetime.now(UTC).isoformat(timespec="seconds"))
-    tokenizer_name = cfg.tokenizer or cfg.model
-    ds_key = {"tokenizer": tokenizer_name, "corpus": corpora["datastore"]}
-    ev_key = {"tokenizer": tokenizer_name, "corpus": corpora["eval"]}
-    fresh = {}  # tokenized in memory during validation, persisted by the tokenize stages
-    for name, key, rel, limit in (("datastore_ids.npy", ds_key, cfg.datastore_corpus, cfg.datastore_limit_tokens),
-                                  ("eval_ids.npy", ev_key, cfg.eval_corpus, cfg.eval_limit_tokens)):
-        stage = "tokenize_" + name.split("_")[0]
-        if run.stages.get(stage, {}).get("key") != digest(key) or not run.path(name).exists():
-            fresh[name] = tokenize_file(resolve_path(rel), run.tokenizer, limit or None)
+    for role, limit in (("datastore", cfg.datastore_limit_tokens), ("eval", cfg.eval_limit_tokens)):
+        tokenize, name = stage_named(f"tokenize_{role}"), f"{role}_ids.npy"  # read now: k and the factory are checked
+        if run.stages.get(tokenize.name, {}).get("key") != digest(tokenize.key(run, {})) or not run.path(name).exists():
+            run.fresh[name] = tokenize_file(resolve_path(corpora[role]["path"]), run.tokenizer, limit or None)
+    fresh = run.fresh
     n_entries = len(fresh["datastore_ids.npy"]) - 1 if "datastore_ids.npy" in fresh else \
         len(load_npy(run.path("datastore_ids.npy"))) - 1
     check_factory(cfg.index_factory, facts["dim"], min(cfg.train_size or n_entries, n_entries))
     if cfg.k > n_entries:  # refused, not capped: a capped k would silently be another experiment
         raise RunError(f"k = {cfg.k:,} exceeds the datastore's {n_entries:,} entries (use --k {n_entries} or less, "
                        "or a larger datastore)")
+    if cfg.import_datastore:  # SPEC §13: the datastore is checked against the model and the text, nothing written yet
+        from precompute.stages.imported import check_peer
+
+        stream = fresh["datastore_ids.npy"] if "datastore_ids.npy" in fresh else \
+            np.asarray(load_npy(run.path("datastore_ids.npy")))
+        run.info["imported"] = check_peer(run, stream)
     fingerprint = model_fingerprint(cfg, run_dir)
     from precompute.plan import decide_exact, machine_of, plan_facts, plan_summary  # advice: never raises
 
@@ -229,52 +196,14 @@ def build_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False, run_name: 
     if recorded_config(run_dir) is None:
         run.write_pending_config()
     run.info["model_fingerprint"] = fingerprint
-    k_dtok = run_stage(run, "tokenize_datastore", ds_key, ["datastore_ids.npy"],
-                       lambda _k: stage_tokenize(run, "datastore_ids.npy", fresh["datastore_ids.npy"]))
-    k_etok = run_stage(run, "tokenize_eval", ev_key, ["eval_ids.npy"],
-                       lambda _k: stage_tokenize(run, "eval_ids.npy", fresh["eval_ids.npy"]))
-    ds = np.asarray(load_npy(run.path("datastore_ids.npy")))
-    ev = np.asarray(load_npy(run.path("eval_ids.npy")))
-    run.info["n_entries"], run.info["n_eval"] = len(ds) - 1, len(ev) - 1
-    run.info["vocab_size"] = int(max(facts["model_vocab_size"], ds.max() + 1, ev.max() + 1))
-    # The model enters every key by its fingerprint (config + weights), never by its path.
-    model_key = {"model_fingerprint": fingerprint, "dtype": cfg.dtype, "max_context": max_context,
-                 "stride": stride, "batch": cfg.batch_size, "shard": cfg.shard_size}
-    k_ds = run_stage(run, "datastore", {"up": k_dtok, **model_key}, ["keys/shards.json", "values.npy"],
-                     lambda key: stage_datastore(run, key))
-    k_ev = run_stage(run, "eval_lm", {"up": k_etok, "lm_top": cfg.lm_top, **model_key},
-                     ["queries.npy", "eval_lm.npz", "eval_entropy.npy"], lambda key: stage_eval_lm(run, key))
-    k_ix = run_stage(run, "index", {"up": k_ds, "factory": cfg.index_factory, "train_size": cfg.train_size,
-                                    "seed": cfg.seed, "shard": cfg.shard_size}, ["index.faiss", "pq.npz"],
-                     lambda key: stage_index(run, key))
-    k_va = valid_lm_stage(run, corpora, model_key) if cfg.valid_corpus else None
-    k_wh = run_stage(run, "whiten", {"up": k_ds, "kinds": list(cfg.whiten_kinds), "eps": cfg.whiten_eps,
-                                     "factory": cfg.index_factory, "train_size": cfg.train_size, "seed": cfg.seed,
-                                     "shard": cfg.shard_size}, whiten_outputs(cfg.whiten_kinds),
-                     lambda key: stage_whiten(run, key)) if cfg.whiten_kinds else None
-    k_se = run_stage(run, "search", {"up": [k_ix, k_ev, k_va, k_wh], "k": cfg.k, "nprobe": cfg.nprobe,
-                                     "tau": cfg.temperature, "source": cfg.distance_source,
-                                     "batch": cfg.search_batch, "shard": cfg.shard_size},
-                     search_outputs(run), lambda key: stage_search(run, key))
-    k_ty = run_stage(run, "types", {"up": [k_ds, k_ix], "mode": cfg.contamination_search, "shard": cfg.shard_size,
-                                    "nprobe": cfg.nprobe if cfg.contamination_search == "index" else None},
-                     ["types.npz"], lambda key: stage_types(run, key))
     run.info["exact_search"], run.info["exact_search_reason"] = decide_exact(
-        cfg, plan_facts(cfg, run.info["n_entries"], run.info["n_eval"]), machine)
-    k_ex = run_stage(run, "exact", {"up": k_se, "shard": cfg.shard_size},
-                     ["exact.npz", f"{neighbours.ROOT}/eval-exact/{neighbours.LISTING}"],
-                     lambda key: stage_exact(run, key)) if run.info["exact_search"] else None
-    k_sx = run_stage(run, "suffix", {"up": [k_dtok, k_etok, k_va], "max_len": cfg.ctx_max_len,
-                                     "shard": cfg.shard_size}, SUFFIX_OUTPUTS,
-                     lambda key: stage_suffix(run, key, cfg.ctx_max_len))
-    k_mi = run_stage(run, "mitigate", {"up": [k_se, k_sx], "lambda": cfg.lam, "bins": cfg.adaptive_bins,
-                                       "tau_grid": TAU_GRID.tolist()}, ["mitigations.npz", "mitigations.json"],
-                     lambda key: stage_mitigate(run, key)) if cfg.valid_corpus else None
-    k_wo = run_stage(run, "words", {"up": [k_dtok, k_etok]}, ["words.npz"], lambda key: stage_words(run, key))
-    up = [k_se, k_ty, k_ex, k_wo, k_sx] + ([k_mi] if k_mi else [])  # runs without mitigations keep their key
-    run_stage(run, "database", {"up": up, "lambda": cfg.lam, "name": run.run_name,
-                                "schema": store.SCHEMA_VERSION, "config": cfg.to_dict()},
-              [store.DB_NAME], lambda key: stage_database(run, key))
+        cfg, plan_facts(cfg, n_entries, n_eval), machine)
+    keys: dict[str, str | None] = {}  # stage -> its key digest this run (None: not in this run)
+    for stage in STAGES:
+        keys[stage.name] = run_stage(run, stage.name, stage.key(run, keys), stage.outputs(cfg),
+                                     partial(stage.run, run)) if stage.enabled(run) else None
+        if stage.after is not None:
+            stage.after(run)
     # ---- persist
     run.write_pending_config()
     write_manifest(run, corpora)

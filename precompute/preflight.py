@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from knnlm_core.config import RunConfig, resolve_path
+from knnlm_core.config import RunConfig, check_import, resolve_path
 from knnlm_core.corpus import read_text
 from knnlm_core.factory import FactoryError, check_factory_dim
 from precompute.runner import RunError
@@ -199,6 +199,7 @@ def preflight(cfg: RunConfig, run_dir: Path, overwrite: bool) -> None:
     """Every check that needs neither torch nor faiss, in the order a user would fix them."""
     check_run_dir_writable(run_dir)
     check_run_dir(Path(run_dir), cfg, overwrite)
+    check_import(cfg)
     dim = model_dim(cfg)
     check_model_files(cfg)
     check_index_dim(cfg, dim)

@@ -4,9 +4,10 @@ Imported only for `--executor ray` (Ray is an optional dependency: requirements-
 The driver (`python -m precompute`) validates, trains the index, runs every reduce and
 writes DuckDB, exactly as with the local executor; only the maps move:
 
-* "model" maps (datastore keys, evaluation queries + p_LM): one actor per GPU
-  (`num_gpus=1`), each loading the model once and writing its key shards straight to the
-  run directory on shared storage; on a cluster without GPUs, CPU actors.
+* "gpu" maps (datastore keys, evaluation queries + p_LM; on GPUs also the torch IVFPQ encoding and
+  the exact contamination search): one actor per GPU (`num_gpus=1`), each loading the model once
+  (when a map needs it) and writing its shards straight to the run directory on shared storage; on
+  a cluster without GPUs, CPU actors.
 * "cpu" maps (index encoding, search, per-type sums / spread / contamination): CPU actors
   that read keys, μ and the trained or full index (memory-mapped) from the run directory.
 
@@ -102,10 +103,10 @@ class RayExecutor:
         return requested
 
     def pool(self, run: Run, kind: str) -> list:
-        """The actors for `kind` ("model" or "cpu"), started on first use; the other pool is released."""
+        """The actors for `kind` ("gpu" or "cpu"), started on first use; the other pool is released."""
         if kind not in self.pools:
-            self.release()  # model stages come before CPU stages; on one machine both would share its CPUs
-            use_gpu = kind == "model" and run.info["device"] == "cuda"
+            self.release()  # GPU stages come before CPU stages; on one machine both would share its CPUs
+            use_gpu = kind == "gpu" and run.info["device"] == "cuda"
             nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
             n, cpus = (self.gpus(), 1) if use_gpu else pool_shape(nodes, run.cfg.threads)
             options = {"num_cpus": cpus, "num_gpus": 1 if use_gpu else 0, "runtime_env": {"env_vars": worker_env()}}
@@ -126,7 +127,7 @@ class RayExecutor:
             driver_fault(job.stage, done)
 
     def hook_point(self, run: Run) -> str:
-        return ray.get(self.pool(run, "model")[0].hook_point.remote(dict(run.info)))
+        return ray.get(self.pool(run, "gpu")[0].hook_point.remote(dict(run.info)))
 
     def release(self) -> None:
         for actors in self.pools.values():

@@ -56,12 +56,14 @@ class Run:
     executor: Any = None  # precompute.executor.LocalExecutor (None) or RayExecutor: who runs shard maps
     memo: dict[Any, Any] = field(default_factory=dict)  # per-process cache: opened index, shard folders, μ
     pending_config: dict[str, Any] | None = None  # run_config.json to write once a stage has succeeded
+    corpora: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> path, sha256, limit (stage keys)
+    fresh: dict[str, np.ndarray] = field(default_factory=dict)  # token streams read in validation, to persist
     _lm: Any = None
     _tokenizer: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         """What travels to a Ray worker: config, paths, facts; never the model, executor or caches."""
-        return {**self.__dict__, "executor": None, "memo": {}, "_lm": None, "_tokenizer": None}
+        return {**self.__dict__, "executor": None, "memo": {}, "fresh": {}, "_lm": None, "_tokenizer": None}
 
     def cached(self, name: Any, make: Callable[[], Any]) -> Any:
         """`make()` once per process and name (a worker keeps its index, keys and shard folders)."""
@@ -116,6 +118,18 @@ def model_source(name: str) -> str | Path:
     """A local directory (resolved against the repo root) when one exists, else the hub name."""
     p = resolve_path(name)
     return p if p.is_dir() else name
+
+
+def resolve_device(requested: str) -> str:
+    """"auto" -> cuda when a CUDA GPU is visible, else cpu; "cuda" without one is a RunError."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RunError("device = cuda but no CUDA GPU is visible here (use device = auto or cpu, or install a "
+                       "CUDA build of torch)")
+    return requested
 
 
 def digest(obj: Any) -> str:
@@ -308,7 +322,7 @@ def npy_problem(path: Path) -> str | None:
 
 
 def duckdb_problem(path: Path) -> str | None:
-    """Whether a run database opens read-only and every table in it can be counted."""
+    """Whether a run database opens read-only and every data block of every table in it can be read."""
     import duckdb
 
     try:
@@ -321,9 +335,9 @@ def duckdb_problem(path: Path) -> str | None:
         if "run" not in tables:
             return "without its run table"
         for t in tables:
-            con.execute(f'SELECT count(*) FROM "{t}"').fetchall()
+            con.execute(f'SELECT sum(hash(COLUMNS(*))) FROM "{t}"').fetchall()  # count(*) reads no data block
     except duckdb.Error as err:
-        return f"corrupt ({str(err).splitlines()[0][:120]})"
+        return f"garbled ({str(err).splitlines()[0][:120]})"
     finally:
         con.close()
     return None

@@ -27,6 +27,7 @@ PAGE_TITLES = {  # page -> its st.title (AppTest and browser tests check that a 
     "whatif": "What-if re-scoring",
     "mitigations": "Mitigations",
     "compare": "Compare runs",
+    "probe": "Probe",
 }
 
 TINY_RUN_CONFIG = {

@@ -123,6 +123,10 @@ def test_compare_shows_the_selected_variant(mit_env):
     want = _reference(tables, variant).set_index("freq_bin")
     np.testing.assert_allclose(merged[f"ppl_knnlm [mit · {variant}]"], want["ppl"], rtol=1e-9)
     np.testing.assert_allclose(merged[f"share_harmed [mit · {variant}]"], want["share_harmed"], rtol=1e-9)
+    # issue 21: the change vs the LM (and its mean gain) are the variant's too, not the plain run's
+    np.testing.assert_allclose(merged[f"ppl_change [mit · {variant}]"], want["ppl"] / want["ppl_lm"] - 1, rtol=1e-9)
+    np.testing.assert_allclose(merged[f"mean_gain [mit · {variant}]"], want["mean_gain"], rtol=1e-9, atol=1e-12)
+    assert f"hit_1 (plain run) [mit · {variant}]" in merged and "hit_1 [mit-copy]" in merged
     plain = _reference(tables, "plain").set_index("freq_bin")
     np.testing.assert_allclose(merged["ppl_knnlm [mit-copy]"], plain["ppl"], rtol=1e-9)
 

@@ -197,7 +197,7 @@ def test_infgram_beside_knnlm(inf_env):
 
 
 def _nov(share_ci=(0.6, 0.8), verdict="harms", total_gain=50.0) -> dict:
-    """A queries.novelty_findings-shaped dict (the tiny runs are one document: their rows never get an interval)."""
+    """A read.novelty.novelty_findings-shaped dict (the tiny runs are one document: their rows never get an interval)."""
     side = {"n_tokens": 300, "mean_gain": 0.2, "mean_gain_ci_lo": 0.1, "mean_gain_ci_hi": 0.3, "mean_copy_share": 0.4}
     cell = {"n_tokens": 120, "n_docs": 12, "ppl_lm": 900.0, "ppl_knnlm": 990.0, "ppl_change": 0.1,
             "ppl_change_ci_lo": 0.02, "ppl_change_ci_hi": 0.2, "knnlm_vs_lm": verdict}
@@ -208,9 +208,9 @@ def _nov(share_ci=(0.6, 0.8), verdict="harms", total_gain=50.0) -> dict:
 
 
 def test_novelty_findings_verdicts():
-    from ui import findings
+    from knnlm_core import read
 
-    decide = findings.gains_from_found_contexts
+    decide = read.novelty.gains_from_found_contexts
     assert decide(_nov((0.6, 0.8))).ok is True
     assert "30.0% of the 1,000 tokens carry 70.0% [60.0%, 80.0%]" in decide(_nov()).numbers
     assert decide(_nov((0.2, 0.45))).ok is False
@@ -219,14 +219,14 @@ def test_novelty_findings_verdicts():
     no_ci = decide(_nov((float("nan"), float("nan"))))
     assert no_ci.ok is None and not no_ci.ns
     assert decide(_nov(total_gain=-3.0)).ok is None and "no net gain" in decide(_nov(total_gain=-3.0)).note
-    rare = findings.novel_rare_harmed
+    rare = read.novelty.novel_rare_harmed
     assert rare(_nov(verdict="harms")).ok is True
     assert "PPL 900.0 → 990.0 (+10.0% [+2.0%, +20.0%], harms), n = 120 tokens in 12 documents" in rare(_nov()).numbers
     assert "for contrast L_t ≥ 4" in rare(_nov()).numbers
     assert rare(_nov(verdict="helps")).ok is False
     ns = rare(_nov(verdict="no significant difference"))
     assert ns.ok is None and ns.ns
-    assert findings.to_frame([ns, rare(_nov())])["verdict"].tolist() == ["≈", "✓"]
+    assert read.findings.to_frame([ns, rare(_nov())])["verdict"].tolist() == ["≈", "✓"]
 
 
 def test_heatmap_stars_significant_changes():

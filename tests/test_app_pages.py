@@ -114,10 +114,25 @@ def test_neighbors_page(runs_env):
     "bad, message", [("999999", "out of range"), ("abc", "not an integer"), ("-1", "out of range")]
 )
 def test_neighbors_bad_pos(runs_env, bad, message):
-    """A bad ?pos= is replaced by position 0 with a one-line warning; the page still draws."""
+    """A bad ?pos= is replaced by the inspector's first view (the rare target with the largest |gain| among
+    positions with a full 64-token context, recomputed with pandas) with a one-line warning; the page draws."""
+    con = store.open_readonly(runs_env / "tiny" / store.DB_NAME)
+    ev = con.execute("SELECT pos, freq, gain FROM eval_tokens WHERE pos >= 63").df()
+    con.close()
+    ev = ev.assign(rare=ev["freq"].between(1, 999), mag=ev["gain"].abs())
+    first = int(ev.sort_values(["rare", "mag", "pos"], ascending=[False, False, True])["pos"].iloc[0])
     at = open_page("neighbors", pos=bad)
-    assert at.warning and message in at.warning[0].value and "using position 0" in at.warning[0].value
-    assert not at.error and at.number_input(key="pos").value == 0 and at.dataframe
+    assert at.warning and message in at.warning[0].value and f"using position {first}" in at.warning[0].value
+    assert not at.error and at.number_input(key="pos").value == first > 0 and at.dataframe
+
+
+def test_neighbors_opens_on_an_informative_position(runs_env):
+    """Without ?pos= the inspector opens on its first view, says why in a caption, and the URL stays clean."""
+    at = open_page("neighbors")
+    first = at.number_input(key="pos").value
+    assert first > 0 and any(f"Opened on position {int(first)}" in c.value for c in at.caption)
+    at.number_input(key="pos").set_value(3.0).run()
+    assert not at.exception and not any("Opened on position" in c.value for c in at.caption)
 
 
 def _metrics(at: AppTest) -> dict:

@@ -1,4 +1,4 @@
-"""Tests of knnlm_core.bootstrap and knnlm_core.intervals (SPEC §11): coverage by simulation, the
+"""Tests of knnlm_core.bootstrap and knnlm_core.read.ci (SPEC §11): coverage by simulation, the
 reason for resampling documents, an independent loop over the shipped demo's eval_tokens, paired
 vs unpaired differences, and the minimum sizes."""
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from knnlm_core import bootstrap as bs
-from knnlm_core import intervals, queries, store
+from knnlm_core import read, store
 from knnlm_core.config import REPO_ROOT
 
 DEMO_DB = REPO_ROOT / "data" / "runs" / "demo" / store.DB_NAME
@@ -58,10 +58,10 @@ def test_token_level_bootstrap_under_covers_correlated_tokens():
 
 
 def test_demo_intervals_equal_a_plain_loop_over_documents():
-    """queries.bin_summary's intervals on the shipped demo equal a plain numpy loop over the same document
+    """read.bins.bin_summary's intervals on the shipped demo equal a plain numpy loop over the same document
     draws, computed from eval_tokens directly (no project function in the reference)."""
     cur = store.open_readonly(DEMO_DB).cursor()
-    got = queries.bin_summary(cur, 1024).set_index("freq_bin")
+    got = read.bins.bin_summary(cur, 1024).set_index("freq_bin")
     ev = cur.execute("SELECT doc_id, freq_bin, nll_lm, nll_knnlm, hit_16::INTEGER AS hit_16 FROM eval_tokens"
                      " ORDER BY pos").fetchdf()
     n_docs = int(cur.execute("SELECT count(*) FROM documents").fetchone()[0])
@@ -101,7 +101,7 @@ def test_paired_interval_is_narrower_and_decides_the_verdict():
         same_draws["change_ci_hi"] == pytest.approx(paired["change_ci_hi"])  # paired across runs = same draws
     assert bs.verdict(paired["change_ci_lo"], paired["change_ci_hi"]) == "helps"
     assert bs.verdict(unpaired["change_ci_lo"], unpaired["change_ci_hi"]) == "no significant difference"
-    ci = intervals.add_verdict(bs.intervals(sums, [bs.ppl_change("change", "nll_a", "nll_b")], 30), "change", "v")
+    ci = read.ci.add_verdict(bs.intervals(sums, [bs.ppl_change("change", "nll_a", "nll_b")], 30), "change", "v")
     assert ci["v"].iloc[0] == "helps"
 
 
@@ -138,13 +138,41 @@ def test_draws_are_the_documented_ones():
 
 
 def test_notebook_function_over_doc_bin_stats_matches_the_app():
-    """intervals.from_doc_bin_stats (SQL users' and notebooks' entry point) gives the app's intervals."""
+    """read.ci.from_doc_bin_stats (SQL users' and notebooks' entry point) gives the app's intervals."""
     import duckdb
 
     con = duckdb.connect(str(DEMO_DB), read_only=True)
-    mine = intervals.from_doc_bin_stats(con).set_index("freq_bin")
-    app = queries.bin_summary(con.cursor(), 1024).set_index("freq_bin")
+    mine = read.ci.from_doc_bin_stats(con).set_index("freq_bin")
+    app = read.bins.bin_summary(con.cursor(), 1024).set_index("freq_bin")
     con.close()
     for col in ("ppl_knnlm_ci_lo", "ppl_change_ci_hi", "hit_16_ci_lo", "share_harmed_ci_hi"):
         np.testing.assert_allclose(mine[col], app[col], rtol=1e-9, err_msg=col)
     assert list(mine["knnlm_vs_lm"]) == list(app["knnlm_vs_lm"])
+
+
+def test_empty_selection_gives_an_empty_table_not_an_exception():
+    """Issue 21: a filter that selects no token (an empty per-document frame) gives an empty interval table
+    with every column; no groups or no documents give no interval rather than a ValueError."""
+    fig = [bs.ppl("ppl", "nll"), bs.ppl_change("change", "nll", "nll_b")]
+    empty = pd.DataFrame({"doc_id": pd.Series([], dtype=np.int64), "freq_bin": pd.Series([], dtype=np.int64),
+                          "n_tokens": pd.Series([], dtype=np.int64), "nll": [], "nll_b": []})
+    for n_docs in (5, 1, 0):
+        ci = bs.intervals(empty, fig, n_docs)
+        assert ci.empty and {"freq_bin", "n_tokens", "n_docs", "ppl", "ppl_ci_lo", "change_ci_hi", "ci_note"} <= set(ci)
+    lo, hi = bs.percentile_interval(np.zeros((1000, 0)))
+    assert lo.shape == hi.shape == (0,)
+    assert bs.draw_documents(0, 7).shape == (7, 0)
+    unshared = bs.two_run_change(empty, 5, empty.assign(freq_bin=1), 5, bs.ppl("a", "nll"), bs.ppl("b", "nll"),
+                                 "change", paired=True)
+    assert unshared.empty and {"change", "change_ci_lo", "change_ci_hi"} <= set(unshared)
+
+
+def test_one_document_selection_has_values_but_no_interval():
+    """Tokens of a single document: the figure is the plain mean over its tokens (numpy), the bounds NaN."""
+    rng = np.random.default_rng(5)
+    nll = rng.gamma(2.0, 2.0, 200)
+    frame = pd.DataFrame({"doc_id": [3], "freq_bin": [2], "n_tokens": [200], "nll": [nll.sum()]})
+    ci = bs.intervals(frame, [bs.ppl("ppl", "nll")], 10).iloc[0]
+    assert ci["ppl"] == pytest.approx(np.exp(nll.mean())) and ci["n_docs"] == 1
+    assert np.isnan(ci["ppl_ci_lo"]) and np.isnan(ci["ppl_ci_hi"]) and ci["ci_note"] == "no interval: < 5 documents"
+    assert bs.verdict(ci["ppl_ci_lo"], ci["ppl_ci_hi"]) == "no interval"

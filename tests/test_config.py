@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from knnlm_core.config import REPO_ROOT, ConfigError, RunConfig, load_config, resolve_path
+from knnlm_core.config import REPO_ROOT, ConfigError, RunConfig, check_import, load_config, resolve_path
 
 
 def toml(path: Path, text: str) -> Path:
@@ -42,9 +42,26 @@ def test_to_dict_uses_toml_spelling_and_round_trips(tmp_path):
     cfg = load_config(None, {"lambda": 0.6, "k": 8, "model": "gpt2"})
     data = cfg.to_dict()
     assert "lambda" in data and "lam" not in data and data["lambda"] == 0.6
-    assert set(data) == {f.name for f in dataclasses.fields(RunConfig)} - {"lam"} | {"lambda"}
+    # an empty import_datastore is left out: native runs' records and stage keys are those from before the field
+    assert set(data) == {f.name for f in dataclasses.fields(RunConfig)} - {"lam", "import_datastore"} | {"lambda"}
     lines = [f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}" for k, v in data.items()]
     assert load_config(toml(tmp_path / "dump.toml", "\n".join(lines) + "\n")) == cfg
+    imported = load_config(None, {"import_datastore": f"knn-transformers:{tmp_path}"})
+    assert imported.to_dict()["import_datastore"] == f"knn-transformers:{tmp_path}"
+    assert load_config(None, imported.to_dict()) == imported
+
+
+@pytest.mark.parametrize("value, match", [
+    ("{tmp}", "names no known format"), ("faiss:{tmp}", "names no known format"),
+    ("knn-transformers:{tmp}/nope", "is no directory; fix: point it at the knn-transformers dstore_dir"),
+    ("knn-transformers:", "is no directory")])
+def test_import_datastore_is_checked_in_one_line(tmp_path, value, match):
+    """The form and the folder are checked by the run's preflight (check_import), not by validate."""
+    cfg = load_config(None, {"import_datastore": value.format(tmp=tmp_path)})
+    with pytest.raises(ConfigError, match=match) as err:
+        check_import(cfg)
+    assert "\n" not in str(err.value) and "import_datastore" in str(err.value)
+    check_import(load_config(None, {"import_datastore": f"knn-transformers:{tmp_path}"}))  # a folder: accepted
 
 
 def test_config_is_frozen():

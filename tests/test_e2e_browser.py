@@ -156,6 +156,22 @@ def test_exact_page_and_compare_on_the_shipped_runs(page, shipped_server):
     assert "token=" in page.url
 
 
+# Issue 21 item 4. Every navigation link the browser ever draws, recorded from the first paint on (a
+# MutationObserver installed before the page's own scripts): its text without the icon's ligature.
+RECORD_NAV_LINKS = """
+window.__navLinks = new Set();
+const label = (el) => {
+  const copy = el.cloneNode(true);
+  copy.querySelectorAll('[data-testid="stIconMaterial"]').forEach((icon) => icon.remove());
+  return copy.textContent.trim();
+};
+new MutationObserver(() => {
+  document.querySelectorAll('[data-testid^="stSidebarNavLink"], [data-testid^="stTopNav"] a, a[data-testid^="stTopNav"]')
+    .forEach((el) => window.__navLinks.add(label(el)));
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
 # Six deep links, one per page family, opened at the same moment on a server nobody has used yet.
 COLD_LINKS = {
     "bins?run=demo": "Frequency bins",
@@ -167,13 +183,15 @@ COLD_LINKS = {
 }
 
 
-async def _open_together(base: str, links: dict[str, str]) -> dict[str, str]:
+async def _open_together(base: str, links: dict[str, str]) -> dict[str, tuple[str, set[str]]]:
     """Open every link in its own browser context (its own Streamlit session) at once; return
-    each page's text once its heading is drawn, or what it shows instead after the timeout."""
+    each page's text once its heading is drawn, or what it shows instead after the timeout, and
+    the text of every navigation link it drew from its first paint on (RECORD_NAV_LINKS)."""
     from playwright.async_api import async_playwright
 
-    async def one(browser, path: str, heading: str) -> str:
+    async def one(browser, path: str, heading: str) -> tuple[str, set[str]]:
         context = await browser.new_context(viewport={"width": 1400, "height": 1000})
+        await context.add_init_script(RECORD_NAV_LINKS)
         page = await context.new_page()
         await page.goto(f"{base}/{path}")
         try:
@@ -181,7 +199,7 @@ async def _open_together(base: str, links: dict[str, str]) -> dict[str, str]:
             await page.wait_for_timeout(1000)  # let a rerun (if any) settle before reading the page
         except Exception:  # noqa: BLE001 - a page that never shows its heading is reported below
             pass
-        return await page.locator("body").inner_text()
+        return await page.locator("body").inner_text(), set(await page.evaluate("[...window.__navLinks]"))
 
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -194,16 +212,22 @@ async def _open_together(base: str, links: dict[str, str]) -> dict[str, str]:
 
 def test_six_deep_links_at_once_on_a_fresh_server():
     """Issue 18 item 6: sessions that start together on a fresh server all render their page (they
-    used to show "No run selected." until reloaded: pages/-directory mode raced a process flag)."""
+    used to show "No run selected." until reloaded: pages/-directory mode raced a process flag).
+    Issue 21 item 4: and no navigation link ever shows a raw file name (`app`, `bins`, ..., the stems
+    of pages/*.py), which folder mode listed in the sidebar for seconds, from the first paint on."""
     if not (SHIPPED / "demo" / "metrics.duckdb").exists():
         pytest.skip("shipped runs not present")
+    raw = {"app"} | {p.stem for p in (REPO / "pages").glob("*.py")}
     for base in _serve(SHIPPED):  # a server of its own: no earlier session has warmed it
         # A thread of its own: the module's sync Playwright page keeps an event loop running in this one.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            texts = pool.submit(asyncio.run, _open_together(base, COLD_LINKS)).result()
-        failed = {path: text[:300] for path, text in texts.items()
+            seen = pool.submit(asyncio.run, _open_together(base, COLD_LINKS)).result()
+        failed = {path: text[:300] for path, (text, _) in seen.items()
                   if COLD_LINKS[path] not in text or "No run selected." in text or "could not be drawn" in text}
         assert not failed, failed
+        links = set().union(*(nav for _, nav in seen.values()))
+        assert "Frequency bins" in links, links  # the recorder saw the navigation
+        assert not links & raw, f"navigation showed raw file names: {sorted(links & raw)}"
 
 
 def test_hostile_url_shows_no_live_link(page, shipped_server):
@@ -214,3 +238,69 @@ def test_hostile_url_shows_no_live_link(page, shipped_server):
     assert page.locator('a[href*="evil"]').count() == 0
     assert page.locator("b:text('bold'), strong:text('bold')").count() == 0
     assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def test_overview_link_opens_the_overview(shipped_server):
+    """Issue 21 item 4: the documented `/overview?run=` link, on a server already in use, shows that run's
+    Overview (the Overview is served at `/`; /overview redirects there), never a "Page not found" dialog."""
+    from playwright.sync_api import sync_playwright
+
+    def visit() -> tuple[str, str]:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            _open(page, f"{shipped_server}/exact?run=demo", PAGES["exact"])  # the server leaves folder mode
+            _open(page, f"{shipped_server}/overview?run=demo-shakespeare", PAGES["overview"])
+            page.wait_for_timeout(1000)  # a late dialog
+            text, url = page.locator("body").inner_text(), page.url
+            browser.close()
+        return text, url
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a thread of its own, as above
+        text, url = pool.submit(visit).result()
+    assert "Page not found" not in text, text[:300]
+    assert "run=demo-shakespeare" in url and "demo-shakespeare" in text, url
+
+
+def test_bin_bar_opens_the_filtered_token_explorer(shipped_server):
+    """Issue 24 item 4: a click on a bar of the Frequency bins page's PPL chart lands on the Token explorer
+    filtered to that bin: its URL carries `bin=<label>`, its sidebar slider and its list show that bin, and
+    the copy-link box gives the same view."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from playwright.sync_api import sync_playwright
+
+    def visit() -> tuple[str, str, str]:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            _open(page, f"{shipped_server}/bins?run=demo", PAGES["bins"])
+            chart = page.locator(".js-plotly-plot", has_text="Perplexity per frequency bin").first
+            chart.wait_for(timeout=UI_TIMEOUT_MS)
+            bars = chart.locator("g.trace.bars g.point path")
+            bars.first.wait_for(timeout=UI_TIMEOUT_MS)
+            label = chart.locator("g.xtick text").nth(2).text_content()  # the third bin's label (10–99 on the demo)
+            # Plotly's drag layer lies over the bars: click the page at the visible middle of the bar (trace LM,
+            # third bin), clipped to the plot area (a log-axis bar can reach below it).
+            chart.scroll_into_view_if_needed()
+            bar, area = bars.nth(2).bounding_box(), chart.locator("rect.nsewdrag").first.bounding_box()
+            top, bottom = max(bar["y"], area["y"]), min(bar["y"] + bar["height"], area["y"] + area["height"])
+            page.mouse.click(bar["x"] + bar["width"] / 2, (top + bottom) / 2)
+            page.get_by_role("heading", name=PAGES["tokens"]).first.wait_for(timeout=UI_TIMEOUT_MS)
+            page.get_by_text(f"Evaluation targets in frequency bin {label}").first.wait_for(timeout=UI_TIMEOUT_MS)
+            page.wait_for_timeout(500)
+            assert page.locator('[data-testid="stException"]').count() == 0
+            text = page.locator("body").inner_text()
+            link = page.locator('[data-testid="stSidebar"] [data-testid="stCode"]').first.inner_text()
+            url = page.url
+            browser.close()
+        return label, url, text + "\n" + link
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a thread of its own (see above)
+        label, url, text = pool.submit(visit).result()
+    assert label == "10–99", label
+    got, query = urlsplit(url), parse_qs(urlsplit(url).query)
+    assert got.path.endswith("/tokens") and set(query["bin"]) == {label}, url  # the slider writes (low, high)
+    assert query.get("run", ["demo"]) == ["demo"], url  # the default run is left out of the URL
+    assert "token type(s) are evaluation targets in bin 10–99" in text
+    assert "/tokens?run=demo&bin=10%E2%80%9399" in text, text[-500:]

@@ -123,3 +123,14 @@ def test_exact_search_off_and_auto(tmp_path, tiny_model):
     cfg = load_config(None, {"exact_search": "auto"})
     on, why = decide_exact(cfg, plan_facts(cfg, 6000, 500), Machine(0, 2, 1, "local"))
     assert on and why.startswith("auto: on")
+
+
+def test_exact_map_runs_on_the_gpu_pool_on_cuda():
+    """Issue 23: the exact stage's map carries the GPU kind on a cuda run, so the Ray executor's pool choice
+    (ray_executor.RayExecutor.pool: num_gpus=1 only for kind "gpu") puts exact search on GPU actors."""
+    from types import SimpleNamespace
+
+    from precompute.stages.exact import exact_job
+
+    assert exact_job(SimpleNamespace(info={"device": "cuda"}), "k").kind == "gpu"
+    assert exact_job(SimpleNamespace(info={"device": "cpu"}), "k").kind == "cpu"

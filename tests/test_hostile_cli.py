@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_RUN_CONFIG, write_toml
+from test_app_garbled import garble_table, reads
 
 from knnlm_core.config import FIELD_TYPES, RULES, RunConfig
 
@@ -162,8 +163,10 @@ def files(tmp: Path, tiny_model: Path) -> dict[str, Path]:
     return f
 
 
-def cli_cases(tmp: Path, good_cfg: Path, run: Path, broken: Path, f: dict[str, Path]) -> list[Case]:
-    """Hand-written hostile command lines over every entry point."""
+def cli_cases(tmp: Path, good_cfg: Path, run: Path, broken: Path, f: dict[str, Path],
+              garbled: Path | None = None) -> list[Case]:
+    """Hand-written hostile command lines over every entry point (`garbled`: a run whose metrics.duckdb has a
+    damaged data block, see hostile_setup)."""
     new = tmp / "new-run"
     pre = ("-m", "precompute", "--config", str(good_cfg), "--run-dir")
     table: list[tuple[str, tuple[str, ...], Path | None]] = [
@@ -210,6 +213,11 @@ def cli_cases(tmp: Path, good_cfg: Path, run: Path, broken: Path, f: dict[str, P
         ("--overwrite, bad corpus", (*pre, str(run), "--overwrite", "--eval-corpus", str(f["binary"])), run),
         ("--overwrite, k > datastore", (*pre, str(run), "--overwrite", "--k", "100000"), run),
         ("--overwrite, IVF0", (*pre, str(run), "--overwrite", "--index-factory", "IVF0,PQ8"), run),
+        # a garbled metrics.duckdb (a block checksum fails when eval_tokens is read): a rerun and verify refuse it
+        *([("rerun, garbled metrics.duckdb", (*pre, str(garbled)), garbled),
+           ("--overwrite, garbled, PQ7", (*pre, str(garbled), "--overwrite", "--index-factory", "IVF8,PQ7"), garbled),
+           ("verify, garbled metrics.duckdb", ("-m", "precompute.verify", "--run-dir", str(garbled)), garbled)]
+          if garbled else []),
         # precompute.verify
         *[(f"verify {' '.join(a)}", ("-m", "precompute.verify", *a), w) for a, w in [
             (("--run-dir", str(run), "--sample", "-5"), run), (("--run-dir", str(run), "--sample", "0"), run),
@@ -251,7 +259,8 @@ def cli_cases(tmp: Path, good_cfg: Path, run: Path, broken: Path, f: dict[str, P
 
 @pytest.fixture(scope="module")
 def hostile_setup(tmp_path_factory, tiny_run, tiny_model):
-    """(temp dir, good config, a private copy of a good run, a copy with a truncated metrics.duckdb, files)."""
+    """(temp dir, good config, a private copy of a good run, a copy with a truncated metrics.duckdb, files,
+    a copy whose metrics.duckdb has bytes overwritten inside a data block of eval_tokens)."""
     tmp = tmp_path_factory.mktemp("hostile")
     base = {"model": str(tiny_model), **TINY_RUN_CONFIG}
     good_cfg = write_toml(tmp / "good.toml", base)
@@ -262,12 +271,16 @@ def hostile_setup(tmp_path_factory, tiny_run, tiny_model):
     shutil.copytree(tiny_run, broken)
     db = broken / "metrics.duckdb"
     db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
-    return tmp, base, good_cfg, run, broken, files(tmp, tiny_model)
+    garbled = tmp / "garbled-run"
+    shutil.copytree(tiny_run, garbled)
+    garble_table(garbled / "metrics.duckdb", "eval_tokens")
+    assert not reads(garbled / "metrics.duckdb", "eval_tokens") and reads(garbled / "metrics.duckdb", "run")
+    return tmp, base, good_cfg, run, broken, files(tmp, tiny_model), garbled
 
 
 def test_hostile_command_lines(hostile_setup):
-    tmp, base, good_cfg, run, broken, f = hostile_setup
-    cases = cli_cases(tmp, good_cfg, run, broken, f) + field_cases(tmp, base)
+    tmp, base, good_cfg, run, broken, f, garbled = hostile_setup
+    cases = cli_cases(tmp, good_cfg, run, broken, f, garbled) + field_cases(tmp, base)
     assert len(cases) >= 100
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KNNLM_LOG_DIR": str(tmp / "logs"), "PYTHONPATH": str(REPO)}
     # Cases that watch the same directory run one after another: an --overwrite case may leave
@@ -323,3 +336,35 @@ def test_every_bad_value_is_one_line(tmp_path):
             assert "\n" not in message and key in message, (key, value, message)
             n += 1
     assert n >= 3 * len(FIELD_TYPES)
+
+
+def test_overwrite_rebuilds_a_garbled_database_safely(hostile_setup, tiny_run, tmp_path, capsys):
+    """A rerun with --overwrite on a garbled metrics.duckdb: the garbled file is kept aside byte for byte, the
+    database stage rebuilds the database (temp file + rename) from the kept stage outputs, and its tables equal
+    the intact run's (read with plain DuckDB + pandas)."""
+    import duckdb
+    import pandas as pd
+
+    from knnlm_core import store
+    from precompute.__main__ import main
+
+    good_cfg, garbled = hostile_setup[2], hostile_setup[6]
+    run = tmp_path / "run"
+    shutil.copytree(garbled, run)
+    before = (run / "metrics.duckdb").read_bytes()
+    assert main(["--config", str(good_cfg), "--run-dir", str(run)]) == 2  # refused, untouched
+    assert (run / "metrics.duckdb").read_bytes() == before
+    assert main(["--config", str(good_cfg), "--run-dir", str(run), "--overwrite"]) == 0
+    assert "is garbled: kept as metrics.duckdb.garbled" in capsys.readouterr().err
+    assert (run / "metrics.duckdb.garbled").read_bytes() == before and not (run / "metrics.duckdb.tmp").exists()
+    store.check_file(run / "metrics.duckdb")
+
+    def table(db: Path, name: str) -> pd.DataFrame:
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            return con.execute(f"SELECT * FROM {name} ORDER BY ALL").df()
+        finally:
+            con.close()
+
+    for name in ("eval_tokens", "neighbors", "token_types"):
+        pd.testing.assert_frame_equal(table(run / "metrics.duckdb", name), table(tiny_run / "metrics.duckdb", name))

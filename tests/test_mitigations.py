@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from knnlm_core import adaptive, mitigations, queries, store
+from knnlm_core import adaptive, mitigations, read, store
+from knnlm_core import bootstrap as bs
 
 T = 600
 BINS = np.array([-1, 0, 1, 2, 3, 4])
@@ -102,27 +103,27 @@ def _reference(tables: dict, variant: str) -> pd.DataFrame:
 
 def test_tables_are_detected(db, tmp_path):
     cur, _ = db
-    assert queries.has_mitigations(cur)
+    assert read.mitigations.has_mitigations(cur)
     plain_only = {k: v for k, v in _tables().items() if k in ("eval_tokens", "token_types")}
     _write(tmp_path / "plain.duckdb", plain_only)
     con = duckdb.connect(str(tmp_path / "plain.duckdb"), read_only=True)
-    assert not queries.has_mitigations(con.cursor())
+    assert not read.mitigations.has_mitigations(con.cursor())
     con.close()
-    variants = queries.mitigation_variants(cur)
+    variants = read.mitigations.mitigation_variants(cur)
     assert list(variants["variant"]) == ["plain", "tau", "adaptive-nn", "zipfian"]  # plain first, then stored order
-    assert list(queries.adaptive_rules(cur)["lam"]) == [0.4, 0.1]
+    assert list(read.mitigations.adaptive_rules(cur)["lam"]) == [0.4, 0.1]
 
 
 @pytest.mark.parametrize("variant", ["plain", "tau", "adaptive-nn", "zipfian"])
 def test_variant_bin_summary_matches_numpy(db, variant):
     cur, tables = db
-    got = queries.variant_bin_summary(cur, variant)
+    got = read.mitigations.variant_bin_summary(cur, variant)
     want = _reference(tables, variant)
     assert list(got["freq_bin"]) == list(want["freq_bin"]) and "bin" in got
     for col in ("n_tokens", "ppl_lm", "ppl", "share_harmed", "mean_p_knn", "mean_lambda", "mean_gain"):
         np.testing.assert_allclose(got[col].to_numpy(float), want[col].to_numpy(float), rtol=1e-9, atol=1e-12,
                                    err_msg=col)
-    total = queries.variant_overall(cur, variant)
+    total = read.mitigations.variant_overall(cur, variant)
     n = want["n_tokens"].to_numpy(float)
     assert total["n_tokens"] == T
     assert np.isclose(total["ppl"], np.exp((n * np.log(want["ppl"])).sum() / n.sum()), rtol=1e-9)
@@ -130,13 +131,13 @@ def test_variant_bin_summary_matches_numpy(db, variant):
 
 def test_plain_variant_equals_bin_summary(db):
     cur, tables = db
-    plain = queries.variant_bin_summary(cur, "plain")
-    run = queries.bin_summary(cur, 1)
+    plain = read.mitigations.variant_bin_summary(cur, "plain")
+    run = read.bins.bin_summary(cur, 1)
     np.testing.assert_allclose(plain["ppl"], run["ppl_knnlm"], rtol=1e-9)
     np.testing.assert_allclose(plain["share_harmed"], run["share_harmed"], rtol=1e-9)
     np.testing.assert_allclose(plain["mean_gain"], run["mean_gain"], rtol=1e-9, atol=1e-12)
     ppl_run = np.exp(tables["eval_tokens"]["nll_knnlm"].mean())
-    assert np.isclose(queries.variant_overall(cur, "plain")["ppl"], ppl_run, rtol=1e-9)
+    assert np.isclose(read.mitigations.variant_overall(cur, "plain")["ppl"], ppl_run, rtol=1e-9)
 
 
 def test_bad_column_names_are_rejected_not_run(tmp_path):
@@ -147,14 +148,14 @@ def test_bad_column_names_are_rejected_not_run(tmp_path):
     _write(tmp_path / "bad.duckdb", tables)
     con = duckdb.connect(str(tmp_path / "bad.duckdb"))
     cur = con.cursor()
-    with pytest.raises(queries.MitigationError, match="p_knn_column .* is not a column of mitigation_tokens"):
-        queries.variant_bin_summary(cur, "tau")
-    with pytest.raises(queries.MitigationError, match="lam_column = 'lam_gone'"):
-        queries.variant_overall(cur, "adaptive-nn")
-    with pytest.raises(queries.MitigationError, match="unknown mitigation variant"):
-        queries.variant_bin_summary(cur, "plain' OR TRUE --")
+    with pytest.raises(read.mitigations.MitigationError, match="p_knn_column .* is not a column of mitigation_tokens"):
+        read.mitigations.variant_bin_summary(cur, "tau")
+    with pytest.raises(read.mitigations.MitigationError, match="lam_column = 'lam_gone'"):
+        read.mitigations.variant_overall(cur, "adaptive-nn")
+    with pytest.raises(read.mitigations.MitigationError, match="unknown mitigation variant"):
+        read.mitigations.variant_bin_summary(cur, "plain' OR TRUE --")
     assert cur.execute("SELECT count(*) FROM eval_tokens").fetchone()[0] == T
-    assert len(queries.variant_bin_summary(cur, "plain")) == len(BINS)  # the good rows still work
+    assert len(read.mitigations.variant_bin_summary(cur, "plain")) == len(BINS)  # the good rows still work
     con.close()
 
 
@@ -191,7 +192,7 @@ def test_compare_to_plain_hand_case():
 def test_oracle_row_is_the_best_lambda_per_bin(db):
     cur, tables = db
     ev = tables["eval_tokens"]
-    got = queries.oracle_bin_summary(cur)
+    got = read.mitigations.oracle_bin_summary(cur)
     lam_by_bin = adaptive.oracle_by_bin(ev["freq_bin"], ev["p_lm"], ev["p_knn"])
     assert dict(zip(got["freq_bin"], got["lam"])) == lam_by_bin
     for b, grp in ev.groupby("freq_bin"):
@@ -199,7 +200,7 @@ def test_oracle_row_is_the_best_lambda_per_bin(db):
             ppl = [np.exp(np.mean(-np.log(g * grp["p_knn"] + (1 - g) * grp["p_lm"]))) for g in adaptive.default_grid()]
         row = got.set_index("freq_bin").loc[b]
         assert np.isclose(row["ppl"], min(ppl), rtol=1e-9) and np.isclose(row["mean_lambda"], row["lam"], rtol=1e-12)
-    compared = mitigations.compare_to_plain({"plain": queries.variant_bin_summary(cur, "plain"),
+    compared = mitigations.compare_to_plain({"plain": read.mitigations.variant_bin_summary(cur, "plain"),
                                              adaptive.ORACLE_LABEL: got})
     oracle = compared[compared["variant"] == "oracle (upper bound)"]
     assert (oracle["delta_ppl"] <= 1e-9).all()  # λ = the run's is on the grid: the oracle is never worse
@@ -208,19 +209,34 @@ def test_oracle_row_is_the_best_lambda_per_bin(db):
     assert np.isclose(mitigations.overall_from_bins(got)["ppl"], want, rtol=1e-9)
 
 
-def test_with_variant_and_variants_table(db):
-    cur, _ = db
-    run = queries.bin_summary(cur, 1)
+def test_variant_run_summary_and_variants_table(db):
+    """variant_run_summary: bin_summary with every kNN-LM figure, interval and verdict the variant's (numpy
+    reference; the intervals against bootstrap.intervals over numpy per-document sums), the run's own kept."""
+    cur, tables = db
+    run = read.bins.bin_summary(cur, 1)
     before = run.copy()
-    v = queries.variant_bin_summary(cur, "tau")
-    out = mitigations.with_variant(run, v)
-    pd.testing.assert_frame_equal(run, before)  # the input is not modified
-    np.testing.assert_allclose(out["ppl_knnlm"], v["ppl"])
-    np.testing.assert_allclose(out["share_harmed"], v["share_harmed"])
-    np.testing.assert_allclose(out["ppl_lm"], run["ppl_lm"])
-    variants = queries.mitigation_variants(cur)
-    totals = {v: queries.variant_overall(cur, v) for v in variants["variant"]}
-    table = mitigations.variants_table(variants, totals, queries.oracle_bin_summary(cur), 10.0)
+    for variant in ("tau", "adaptive-nn", "zipfian"):
+        out = read.mitigations.variant_run_summary(cur, 1, variant)
+        pd.testing.assert_frame_equal(read.bins.bin_summary(cur, 1), before)  # the run's table is not modified
+        want = _reference(tables, variant)
+        np.testing.assert_allclose(out["ppl_knnlm"], want["ppl"], rtol=1e-9)
+        np.testing.assert_allclose(out["ppl_change"], want["ppl"] / want["ppl_lm"] - 1, rtol=1e-9, atol=1e-12)
+        for col in ("share_harmed", "mean_p_knn", "mean_gain"):
+            np.testing.assert_allclose(out[col], want[col], rtol=1e-9, atol=1e-12, err_msg=f"{variant} {col}")
+        for col in ("ppl_lm", "hit_1", "hit_1_ci_lo", "mean_contamination", "n_docs"):  # the LM's and the run's own
+            np.testing.assert_array_equal(out[col], run[col])
+        if variant == "adaptive-nn":  # λ = 1 where p_kNN = 0: an infinite NLL in every bin, so no interval
+            assert out["ppl_change_ci_lo"].isna().all() and (out["knnlm_vs_lm"] == "no interval").all()
+            continue
+        assert not np.allclose(out["ppl_change_ci_lo"], run["ppl_change_ci_lo"])  # not the plain run's interval
+        assert list(out["knnlm_vs_lm"]) == [bs.verdict(lo, hi) for lo, hi in
+                                            zip(out["ppl_change_ci_lo"], out["ppl_change_ci_hi"])]
+        assert list(out["vs_plain"]) == [bs.verdict(lo, hi, "helps", "hurts") for lo, hi in
+                                         zip(out["change_vs_plain_ci_lo"], out["change_vs_plain_ci_hi"])]
+        assert out["ppl_change_ci_lo"].notna().any() and (out["ppl_change_ci_lo"] <= out["ppl_change"] + 1e-12).all()
+    variants = read.mitigations.mitigation_variants(cur)
+    totals = {v: read.mitigations.variant_overall(cur, v) for v in variants["variant"]}
+    table = mitigations.variants_table(variants, totals, read.mitigations.oracle_bin_summary(cur), 10.0)
     assert list(table["λ"]) == ["0.25", "0.25", "per position", "0.25", "per frequency bin"]
     assert list(table["variant"]) == ["plain", "tau", "adaptive-nn", "zipfian", adaptive.ORACLE_LABEL]
     assert table["Δ PPL vs plain (%)"].iloc[0] == 0.0 and table["Δ PPL vs plain (%)"].iloc[-1] <= 1e-9

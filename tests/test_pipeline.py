@@ -196,12 +196,18 @@ def test_damaged_index_file_is_rebuilt(capsys, fresh_run, cfg_file, damage):
 
 
 def test_truncated_database_is_rebuilt(capsys, fresh_run, cfg_file):
-    """A half-truncated metrics.duckdb is rebuilt, never reported as a finished run (issue 18)."""
+    """A half-truncated metrics.duckdb is never reported as a finished run (issue 18): refused untouched (exit 2),
+    and with --overwrite set aside and rebuilt by the database stage, the other stages reused."""
     before = tables(fresh_run)
     db = fresh_run / "metrics.duckdb"
     db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
-    assert cli(["--config", str(cfg_file()), "--run-dir", str(fresh_run), "--run-name", "tiny"]) == 0
-    assert "[database] output metrics.duckdb" in capsys.readouterr().out
+    garbled = db.read_bytes()
+    args = ["--config", str(cfg_file()), "--run-dir", str(fresh_run), "--run-name", "tiny"]
+    assert cli(args) == 2 and db.read_bytes() == garbled
+    assert "is garbled" in capsys.readouterr().err
+    assert cli([*args, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "[database] output metrics.duckdb" in out and "[search] up to date, skipped" in out
     for name, frame in tables(fresh_run).items():
         if name == "run":  # created_at is the rebuild's
             continue
@@ -247,7 +253,7 @@ def test_app_modules_do_not_import_torch():
     code = ("import sys, knnlm_core.store, knnlm_core.bins, knnlm_core.knn, knnlm_core.config, "
             "knnlm_core.metrics, knnlm_core.index, knnlm_core.windows, knnlm_core.corpus, knnlm_core.keystore\n"
             "import importlib.util\n"
-            "for m in ('knnlm_core.queries', 'knnlm_core.whatif', 'ui'):\n"
+            "for m in ('knnlm_core.read', 'knnlm_core.whatif', 'ui'):\n"
             "    if importlib.util.find_spec(m): __import__(m)\n"
             "bad = [m for m in ('torch', 'transformers', 'streamlit') if m in sys.modules]\n"
             "assert not bad, bad")

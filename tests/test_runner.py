@@ -21,9 +21,11 @@ from conftest import TINY_RUN_CONFIG, build_tiny_run, write_toml
 from test_pipeline import tables
 
 from precompute.runner import FAULT_ENV, Shards, shard_ranges
+from precompute.stages import stage_names
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY_STAGES = ("datastore", "eval_lm", "index", "valid_lm", "whiten", "search", "types", "exact", "suffix", "mitigate")
+HEAVY_STAGES = tuple(n for n in stage_names() if n not in ("tokenize_datastore", "tokenize_eval", "words", "database"))
+# (the stages that save shards, in run order: a kill in each finds every earlier stage done)
 SMALL_SHARDS = {"shard_size": 250, "datastore_limit_tokens": 2000, "eval_limit_tokens": 600,
                 "valid_corpus": str(REPO / "data/corpora/wikitext2-train.tokens.gz"), "valid_limit_tokens": 600,
                 "whiten": "zipfian"}

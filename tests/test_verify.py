@@ -1,12 +1,14 @@
-"""Tests of precompute/verify.py: each kind of corruption of metrics.duckdb is caught by name.
+"""Tests of precompute/verify/: each kind of corruption of metrics.duckdb is caught by name.
 
-Every test corrupts a private copy of the tiny run (`fresh_run`) with one SQL UPDATE and
+Every test corrupts a private copy of the tiny run (`fresh_run`) with one SQL statement and
 checks that the specific verify check fails, while the same check passes on the intact run.
-Key files are corrupted too: open_keys must fail with a clear KeyStoreError in either layout.
+Key files are corrupted too: open_keys must fail with a clear KeyStoreError in either layout;
+a database damaged on disk (a block failing its checksum) is bad input: one line, exit 2.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +19,9 @@ import pandas as pd
 import pytest
 from conftest import build_tiny_run
 
+from knnlm_core import store
 from knnlm_core.keystore import KeyStoreError, open_keys
+from precompute import verify
 from precompute.verify import main as verify_main
 from precompute.verify import verify_run
 
@@ -281,3 +285,65 @@ def test_a_corrupted_neighbour_block_is_caught(fresh_run, intact_checks):
     ids[:, 5:9] = (ids[:, 5:9] + 7) % 5000  # other entries, at their old distances
     np.save(path, ids)
     assert name in failed_names(fresh_run, sample=200, exact_sample=20)
+
+
+# ---------------------------------------------------------------- the schema, the registry, a damaged file
+
+SCHEMA_CHECK = "relations, columns and types as declared (knnlm_core/schema.py)"
+
+
+@pytest.mark.parametrize("statement", [
+    "ALTER TABLE neighbors ALTER overlap TYPE INTEGER",  # a type
+    "ALTER TABLE eval_words ADD COLUMN extra DOUBLE",  # an undeclared column
+    "ALTER TABLE token_types DROP COLUMN eval_count",  # a declared column missing
+    "DROP VIEW documents",  # a required relation missing
+])
+def test_a_relation_off_its_declaration_is_caught(fresh_run, intact_checks, statement):
+    sql(fresh_run, statement)
+    con = store.open_readonly(fresh_run / "metrics.duckdb")
+    try:
+        (name, ok, detail), = verify.schema.check_connection(con)
+    finally:
+        con.close()
+    assert intact_checks[SCHEMA_CHECK] and name == SCHEMA_CHECK and not ok, detail
+
+
+def test_the_registry_follows_the_pipeline_stages():
+    """verify's registry is keyed by the pipeline's stage names, in its order; every module is registered once."""
+    stages = getattr(importlib.import_module("precompute.stages"), "STAGES", None)
+    if stages is None:
+        pytest.skip("precompute.stages.STAGES is not there yet")
+    assert verify.STAGE_NAMES == tuple(s.name for s in stages)
+    assert all(m.STAGE in verify.STAGE_NAMES for m in verify.registry.MODULES)
+    assert sum(len(v) for v in verify.CHECKS.values()) == len(verify.registry.MODULES)
+
+
+def garble_a_late_block(db: Path) -> int:
+    """Overwrite 4 KiB of db where the read-only opener still succeeds but reading eval_tokens fails its
+    block checksum; the offset. Tried first: 4 KiB into each 256 KiB block (after the 12 KiB of headers)."""
+    data = db.read_bytes()
+    firsts = list(range(12288 + 262144 + 4096, len(data) - 4096, 262144))
+    for at in [*firsts, *range(16384, len(data) - 4096, 16384)]:
+        db.write_bytes(data[:at] + b"\xab" * 4096 + data[at + 4096 :])
+        try:
+            con = store.open_readonly(db)
+        except store.RunSchemaError:
+            continue
+        try:
+            con.execute("SELECT * FROM eval_tokens").fetchall()
+        except duckdb.Error as err:
+            assert "checksum" in str(err)
+            return at
+        finally:
+            con.close()
+    raise AssertionError("no 4 KiB garble of the tiny run's database fails a later read")
+
+
+def test_a_garbled_database_is_bad_input(fresh_run, capsys):
+    """Issue 21 item 7: bytes overwritten in the file (a checksum error on a later read) end as one
+    `error:` line and exit 2, not as an internal error."""
+    garble_a_late_block(fresh_run / "metrics.duckdb")
+    assert verify_main(["--run-dir", str(fresh_run), "--sample", "20", "--exact-sample", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "internal error" not in err, err
+    assert "metrics.duckdb is garbled" in err and "checksum" in err and "--overwrite" in err

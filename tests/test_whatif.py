@@ -2,7 +2,9 @@
 real run storing all k neighbours in its table, and runs read through their neighbour block:
 PPL to 1e-9) and against a per-position loop reference (the re-scoring itself:
 tests/test_rescore.py); λ-only changes against direct interpolation on the shipped demo;
-exact / approximate / not-available plans; the page on a run with and without its block."""
+exact / approximate / not-available plans; the baseline of a truncated scenario (the run's settings
+re-scored from the same neighbours) and per-bin changes against it; the λ editor's bin labels; the
+adaptive-λ note; the page on a run with and without its block (shipped runs: tests/test_app_whatif.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 
 from knnlm_core import adaptive, knn, neighbours, rescore, store, whatif
@@ -297,3 +300,65 @@ def test_page_reads_the_block(tiny_run, tmp_path, monkeypatch):
     finally:
         st.cache_data.clear()
         st.cache_resource.clear()
+
+
+def test_baseline_is_the_run_unless_truncated():
+    """A scenario re-scored from fewer neighbours than its k is compared with the run's settings re-scored from
+    the same neighbours; one that is the run's own p_kNN or exact (all k stored) with the run itself."""
+    s = whatif.RunSettings(k=1024, tau=10.0, source="pq", lam=0.25, n_stored=16)
+    for k, tau, source in [(1024, 10.5, "pq"), (1024, 10.0, "exact"), (17, 10.0, "pq")]:
+        p = whatif.plan(k, tau, source, s)
+        b = whatif.baseline_for(k, p.k_used, s)
+        assert (b.name, b.k_used) == ("run@16", 16) and "re-scored from the same 16 neighbours" in b.label
+    for k, tau, source in [(1024, 10.0, "pq"), (16, 10.5, "pq"), (3, 2.0, "exact")]:
+        p = whatif.plan(k, tau, source, s)
+        assert whatif.baseline_for(k, p.k_used, s) == whatif.baseline_for(1, 0, s)
+        assert whatif.baseline_for(k, p.k_used, s).name == whatif.RUN
+    none = whatif.RunSettings(1024, 10.0, "pq", 0.25, 1024, ("pq",))  # source not stored: the run's own p_kNN
+    assert whatif.baseline_for(1024, whatif.plan(1024, 10.0, "exact", none).k_used, none).name == whatif.RUN
+
+
+def test_scenario_table_changes_against_a_truncated_baseline(mixed):
+    """change_<name> against an extra baseline (and against the run) equals exp(mean NLL difference) - 1 per bin,
+    from plain numpy; the baseline gets its own ppl_ column; an edited baseline is told apart."""
+    rng = np.random.default_rng(1)
+    doc = rng.integers(0, 6, len(mixed.targets))
+    bins = np.unique(mixed.freq_bin)
+    run_bins = pd.DataFrame({"freq_bin": bins, "bin": [str(b) for b in bins],
+                             "n_tokens": [int((mixed.freq_bin == b).sum()) for b in bins]})
+    settings = whatif.RunSettings(k=400, tau=5.0, source="pq", lam=0.25, n_stored=mixed.n_stored)
+    base = whatif.baseline_for(400, mixed.n_stored, settings)
+    p_base = whatif.baseline_p(mixed, base, settings)
+    p_new = whatif.interpolate(mixed, 0.25, whatif.rescore(mixed, mixed.n_stored, 6.0, "pq"))
+    table = whatif.scenario_table(run_bins, mixed, {"a": p_new, "b": p_new}, doc, 6, 0.25, {base.name: p_base},
+                                  {"a": base.name})
+    assert {f"ppl_{base.name}", "a_vs_run@200", "b_vs_run"} <= set(table.columns)
+
+    def change(p, q):
+        return [np.exp(np.mean(np.log(q[mixed.freq_bin == b]) - np.log(p[mixed.freq_bin == b]))) - 1 for b in bins]
+
+    run_p = mixed.p_lm * 0.75 + 0.25 * mixed.p_knn_run
+    np.testing.assert_allclose(table["change_a"], change(p_new, p_base), rtol=1e-9)
+    np.testing.assert_allclose(table["change_b"], change(p_new, run_p), rtol=1e-9)
+    np.testing.assert_allclose(table[f"ppl_{base.name}"],
+                               [np.exp(-np.mean(np.log(p_base[mixed.freq_bin == b]))) for b in bins], rtol=1e-9)
+    with pytest.raises(AssertionError):  # the run as baseline is a different number
+        np.testing.assert_allclose(table["change_a"], change(p_new, run_p), rtol=1e-9)
+
+
+def test_lambda_editor_shows_labels_and_maps_them_back():
+    best = {-1: 0.0, 0: 0.1, 3: 0.25}
+    frame = whatif.lam_editor_frame(best)
+    assert list(frame["bin"]) == ["unseen", "1–9", "1,000–9,999"] and list(frame["lam"]) == [0.0, 0.1, 0.25]
+    assert whatif.lams_from_editor(frame, best) == best
+    edited = frame.assign(lam=[0.5, np.nan, 7.0])  # a cleared cell and an out-of-range one keep the pre-filled λ
+    assert whatif.lams_from_editor(edited, best) == {-1: 0.5, 0: 0.1, 3: 0.25}
+
+
+def test_adaptive_note_from_the_runs_tables():
+    rows = pd.DataFrame({"variant": ["plain", "adaptive-nn"], "label": ["plain", "adaptive λ by nn"],
+                         "lam_column": [None, "lam_nn"], "ppl": [212.48, 1211.9667]})
+    note = whatif.adaptive_note(rows, 212.48, "`valid.gz`", 19_999)
+    assert "PPL 1,211.97 (adaptive λ by nn)" in note and "`valid.gz`, 19,999 tokens" in note and "does not" not in note
+    assert "does not have" in whatif.adaptive_note(None, 212.48, "", 0)
+    assert "no adaptive λ variant" in whatif.adaptive_note(rows.iloc[:1], 212.48, "`v`", 5)

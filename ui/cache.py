@@ -12,7 +12,8 @@ import numpy as np
 import streamlit as st
 
 from knnlm_core import neighbours as neighbours_mod
-from knnlm_core import queries, store, whatif
+from knnlm_core import store, whatif
+from knnlm_core.read import REGISTRY
 from ui.params import runs_root
 
 BLOCK = f"{neighbours_mod.ROOT}/eval-plain"  # the block the What-if re-scores, relative to the run directory
@@ -44,13 +45,13 @@ def cursor(run: str) -> duckdb.DuckDBPyConnection:
 
 @st.cache_data(max_entries=512, show_spinner=False)
 def _query(path: str, mtime_ns: int, name: str, args: tuple, kwargs: tuple):
-    """Cached result of knnlm_core.queries.<name>(cursor, *args, **kwargs)."""
-    fn = getattr(queries, name)
+    """Cached result of the knnlm_core.read function `name` (read.REGISTRY) on (cursor, *args, **kwargs)."""
+    fn = REGISTRY[name]
     return fn(_connection(path, mtime_ns).cursor(), *args, **dict(kwargs))
 
 
 def q(run: str, name: str, *args, **kwargs):
-    """Run a queries.* function on a run, cached by plain values."""
+    """Run a knnlm_core.read query (by name) on a run, cached by plain values."""
     norm = tuple(tuple(a) if isinstance(a, list) else a for a in args)
     kw = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
     return _query(*run_key(run), name, norm, kw)
@@ -125,3 +126,21 @@ def _block_mtime(run: str) -> int:
     """mtime_ns of the run's block listing, 0 when there is none (part of the neighbour cache key)."""
     path = db_path(run).parent / BLOCK / neighbours_mod.LISTING
     return path.stat().st_mtime_ns if path.is_file() else 0
+
+
+# ---------------------------------------------------------------- the Probe (SPEC §13): one loaded run per process
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the run's model, index and datastore (once per server)…")
+def _probe(run_dir: str, manifest_mtime_ns: int):
+    """The run's precompute.probe.Probe (model, tokenizer, index, keys, suffix array), shared by every session:
+    it is read-only and serialises its model and index calls itself. Imports torch only when called."""
+    from precompute import probe
+
+    return probe.load(run_dir)
+
+
+def probe(run: str):
+    """The loaded Probe of a run (ProbeError / ModelError / RunError when it cannot be loaded)."""
+    run_dir = db_path(run).parent
+    manifest = run_dir / "manifest.json"
+    return _probe(str(run_dir), manifest.stat().st_mtime_ns if manifest.is_file() else 0)

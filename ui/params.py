@@ -25,10 +25,15 @@ RUNS_ENV = "KNNLM_RUNS_DIR"  # overrides the directory that holds the runs
 
 URL_PARAMS: dict[str, object] = {
     "run": "demo",  # run directory name under the runs root (sidebar picker)
-    "bin": None,  # (low, high) frequency-bin range on the bins page
+    "bin": None,  # (low, high) frequency-bin range on the bins page and the Token explorer (one label: that bin)
     "pos": 0,  # evaluation position on the neighbour inspector
+    "nbr": 1,  # neighbour rank whose datastore entry the neighbour inspector shows in full
     "token": "",  # token text or id, a word or any text on the token explorer
     "level": "token",  # token | word level on the bins page
+    "bins_tokens": "",  # token texts or ids (comma-separated) the bins page is restricted to
+    "bins_outcome": "all",  # all | helped | harmed tokens on the bins page
+    "token_sort": "position",  # order of the Token explorer's occurrences (knnlm_core.read.tokens.OCCURRENCE_SORTS)
+    "novelty_metric": None,  # the Context novelty heatmap's colour (default: the PPL change, kNN-LM vs LM)
     "k": None,  # what-if k (default: min(run.k, stored neighbours))
     "tau": None,  # what-if temperature (default: the run's)
     "lam": None,  # what-if λ (default: the run's)

@@ -1,4 +1,4 @@
-"""Streamlit widget builders shared by the pages: run picker, run card, bin range, CSV.
+"""Streamlit widget builders shared by the pages: run picker, run card, bin range, CSV, copy link.
 
 URL-bound widgets use `bind="query-params"` with key = parameter name (ui.params); their URL
 values are read with the ui.params parsers through `url_param` / `settle`. Every failure ends in a
@@ -13,13 +13,16 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+import duckdb
 import pandas as pd
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
 from knnlm_core import store
 from knnlm_core.bins import bin_label
-from ui import cache
+from ui import cache, links
 from ui.params import Parsed, default_run, list_runs, parse_choice, parse_range, runs_root
+from ui.render import md_code
 
 T = TypeVar("T")
 _FIXES = "_url_fixes"  # session-state key: {param: (value, note)} that settle() staged for the next run
@@ -56,11 +59,41 @@ def run_picker() -> str:
 
 
 def open_run(run: str) -> dict:
-    """The run's `run` row; a clear error (old schema, unreadable file) stops the page."""
+    """The run's `run` row; a clear error (old schema, unreadable or garbled file) stops the page."""
     try:
         return cache.run_info(run)
+    except store.CorruptRunError as err:
+        fail(garbled_line(run, err))
     except store.RunSchemaError as err:
         fail(f"Cannot open run `{run}`: {err}")
+    except duckdb.Error as err:
+        if not store.is_corruption(err):
+            raise
+        fail(garbled(run, err))
+
+
+def garbled_line(run: str, err: BaseException) -> str:
+    """One line: run `run`'s database is garbled (DuckDB's reason), and the command that rebuilds it."""
+    path = cache.db_path(run)
+    cause = err.__cause__ if isinstance(err, store.CorruptRunError) and err.__cause__ else err
+    reason = " ".join(str(cause).split())[:200]
+    fix = f"python -m precompute --config … --run-dir {path.parent} --overwrite"
+    return (f"Cannot read run {md_code(run)}: its database {md_code(str(path))} is garbled ({md_code(reason)}). "
+            f"Rebuild it with {md_code(fix)}; other runs can still be picked in the sidebar.")
+
+
+def garbled(run: str, err: BaseException) -> str:
+    """garbled_line for a DuckDB damage error met while drawing run `run`'s page.
+
+    The error does not say which file it read and a page may read two runs (Compare), so the run files
+    are read once more, this run's first (store.check_file, on this error path only), to name the garbled one.
+    """
+    for name in [run] + [r for r in list_runs() if r != run]:
+        try:
+            store.check_file(cache.db_path(name))
+        except store.CorruptRunError as found:
+            return garbled_line(name, found)
+    return garbled_line(run, err)
 
 
 # True while app.py runs the page of this script run (set per run, per session: a ContextVar
@@ -100,9 +133,36 @@ def ensure_navigation() -> None:
     st.rerun()
 
 
+_FOLLOW = "_follow_link"  # session-state key: (page, query params) a chart click staged (stage_link) for this run
+
+
+def stage_link(page: str, state: dict[str, object], params: dict[str, str | list[str]] | None = None) -> None:
+    """From a widget callback: give the URL-bound widgets `state` ({key: value}) and open `page` with query
+    parameters `params` at the start of the next script run (follow_link). st.switch_page cannot set a
+    parameter bound to a widget of the page it leaves (`bin` on the bins page), but a callback runs before any
+    widget exists, so it may set their session-state values, which the new page's widgets then show."""
+    for key, value in state.items():
+        st.session_state[key] = value
+    st.session_state[_FOLLOW] = (page, params or {})
+
+
+def follow_link() -> None:
+    """Open the page a callback staged (stage_link) with its query parameters, or with none when one of them is
+    bound to a widget here (the bound widgets then write theirs from session state on the new page)."""
+    staged = st.session_state.pop(_FOLLOW, None)
+    if staged is None:
+        return
+    page, params = staged
+    try:
+        st.switch_page(page, query_params=params)
+    except StreamlitAPIException:  # "cannot directly set query parameter ... bound to a widget"
+        st.switch_page(page, query_params={})
+
+
 def current_run() -> tuple[str, dict]:
-    """(run name, run row) chosen in the sidebar for this script run."""
+    """(run name, run row) chosen in the sidebar for this script run; first follows a staged link."""
     ensure_navigation()
+    follow_link()
     run = st.session_state.get("run")
     if run is None:
         fail("No run selected.", info=True)
@@ -134,6 +194,15 @@ def run_card(info: dict, where=None) -> None:
         f"k = {k} (stored {stored}) · τ = {info.get('temperature')} · λ = {info.get('lambda')}  \n"
         f"distances: {info.get('distance_source')} · PPL {info.get('ppl_lm', 0):.2f} → {info.get('ppl_knnlm', 0):.2f}"
     )
+    import json  # the run's config (config_json) says whether its datastore was imported (docs/IMPORT.md)
+
+    try:
+        imported = json.loads(info.get("config_json") or "{}").get("import_datastore", "")
+    except (TypeError, ValueError, AttributeError):
+        imported = ""
+    if imported:
+        where.markdown(f"datastore **imported** from {md_code(str(imported))}: checked against the model and the "
+                       "datastore text, its keys (and index) read where they lie")
 
 
 def bin_range(bins: list[int]) -> tuple[int, int]:
@@ -145,6 +214,7 @@ def bin_range(bins: list[int]) -> tuple[int, int]:
         return Parsed((bins[got.value[0]], bins[got.value[1]]), got.note)
 
     parsed = url_param("bin", parse)
+    one_label = len(st.query_params.get_all("bin")) == 1  # read before the slider: its binding drops that URL value
     lo, hi = st.select_slider(
         "Frequency bins",
         options=bins,
@@ -153,7 +223,9 @@ def bin_range(bins: list[int]) -> tuple[int, int]:
         key="bin",
         bind="query-params",
     )
-    lo, hi = settle("bin", parsed, (lo, hi))
+    # One label (`?bin=10–99`, the form the charts link with) means that bin alone; Streamlit's own binding
+    # of a range slider needs two values and ignores it, so the parser's value is staged even without a note.
+    lo, hi = settle("bin", parsed, (lo, hi), force=one_label)
     return int(lo), int(hi)
 
 
@@ -186,19 +258,36 @@ def url_param(name: str, parse: Callable[[list[str]], Parsed[T]]) -> Parsed[T]:
     return parsed
 
 
-def settle(name: str, parsed: Parsed[T], value: T) -> T:
+def settle(name: str, parsed: Parsed[T], value: T, force: bool = False) -> T:
     """`value` of the widget bound to `name` (created after url_param), made to agree with the parser.
 
     Streamlit seeds bound widgets from the URL with its own, laxer parsing ('3.5' -> 3, '1e1',
     '٣', the last of repeated values). When the parser replaced the URL value and the widget
     took another one, stage the parser's value for the widget and rerun once (a widget's
-    session-state value can only be set before the widget exists in a run).
+    session-state value can only be set before the widget exists in a run). `force`: also when the
+    parser took the URL's value (no note) but Streamlit's binding did not.
     """
     applied = st.session_state.get(_APPLIED, set())
     if name in applied:  # this run already carries the fix: never rerun twice for one value
         applied.discard(name)
         return parsed.value
-    if parsed.note is None or value == parsed.value:
+    if (parsed.note is None and not force) or value == parsed.value:
         return value
     st.session_state.setdefault(_FIXES, {})[name] = (parsed.value, parsed.note)
     st.rerun()
+
+
+def copy_link(url_path: str, **state: str | int | list[str] | None) -> None:
+    """Sidebar "copy link": the relative URL of this view in st.code, whose copy button copies it (issue 24
+    item 4). The URL's query parameters, with `state` ({param: value the page uses, None: none}) laid over
+    them: a bound widget's value reaches st.query_params only on the next run, and its default never does."""
+    params: dict[str, list[str]] = {"run": [str(st.session_state.get("run", ""))]}
+    params.update({k: st.query_params.get_all(k) for k in st.query_params})
+    for name, value in state.items():
+        if value is None:
+            params.pop(name, None)
+        else:
+            params[name] = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    with st.sidebar:
+        st.caption("Link to this view (append it to the dashboard's address):")
+        st.code(links.view_url(url_path, params), language=None, wrap_lines=True)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from knnlm_core.config import RunConfig, load_config
 from precompute.cli import Parser, UsageError, int_in, path_arg, run_cli
-from precompute.plan.cost import Machine, Model, Rates, StageWork, disk, estimate, stage_seconds
+from precompute.plan.cost import Machine, Model, Rates, StageWork
 from precompute.plan.facts import Facts, run_facts
+from precompute.plan.rows import disk, estimate, stage_seconds
 from precompute.plan.startup import decide_exact, hms
 
 

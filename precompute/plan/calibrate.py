@@ -23,6 +23,7 @@ def calibrate(work_dir: Path, config: str = "configs/ci-tiny.toml") -> Rates:
     from tqdm import tqdm
 
     from precompute.pipeline import build_run
+    from precompute.stages import stage
 
     # 10k evaluation tokens: enough that the LM head's rate, not start-up, is what eval_lm measures
     cfg = load_config(resolve_path(config), {"eval_limit_tokens": 10_000, "exact_search": "on"})
@@ -52,8 +53,8 @@ def calibrate(work_dir: Path, config: str = "configs/ci-tiny.toml") -> Rates:
                f" keys/s (+ {train_s:.0f} s training), search {f.t / sec['search']:,.0f} queries/s, exact "
                f"{f.t / sec['exact']:,.0f} queries/s")
     return Rates(
-        cpu_flops=model.datastore()[0].flop / sec["datastore"] / cores,
-        cpu_head_flops=model.eval_lm()[0].flop / sec["eval_lm"] / cores,
+        cpu_flops=stage("datastore").work(model)[0].flop / sec["datastore"] / cores,
+        cpu_head_flops=stage("eval_lm").work(model)[0].flop / sec["eval_lm"] / cores,
         encode_flops=pq / max(sec["index"] - train_s - coarse / (cores * flat), 1e-3) / cores,
         train_flops=train / train_s / cores,
         visits=visit_rate / cores, query_s=max(fixed, 1e-6), flat_flops=flat,

@@ -2,11 +2,9 @@
 
 Work is counted from the config and the run's sizes (`precompute.plan.facts`); wall time =
 work / rate, with rates per GPU, per CPU core or per worker (`Rates`: defaults from the H100
-host measurements of the README, `--calibrate` measures this machine's). The stages follow
-the pipeline: datastore, eval_lm, valid_lm (model maps); index and whiten (train on the driver,
-encode as a map); search (every query split on every index, once: SPEC §7); types; exact
-(SPEC §8); suffix (suffix array and ∞-gram: SPEC §12); mitigate (scores read from the neighbour
-blocks: SPEC §9); words; database. A map runs its shards on the executor's workers and never splits a shard,
+host measurements of the README, `--calibrate` measures this machine's). Each stage of
+`precompute.stages.STAGES` gives its rows from this model (`Stage.work`; `precompute.plan.rows`
+asks them in run order). A map runs its shards on the executor's workers and never splits a shard,
 so it takes at least its largest shard's time (`busiest`); reading keys from storage bounds a
 map from below (`read_bytes` per node). Trains and reduces run on the driver.
 """
@@ -28,7 +26,6 @@ BLOCK_BYTES_PER_NEIGHBOUR = 8 + 4 + 4 + 4  # neighbour block (SPEC §7): id int6
 EXACT_QUERY_BLOCK = 16384  # precompute.search.exact_rows: queries per pass over every key
 GPU_KEY_BLOCK = 1 << 18  # precompute.exact.GPU_KEY_BLOCK: keys per block on the GPU
 TEXT_BYTES_PER_TOKEN = 4.5  # UTF-8 bytes of English text per GPT-2 token (WikiText)
-MAPPED = ("datastore", "eval_lm", "valid_lm", "index", "whiten", "search", "types", "exact", "mitigate")
 
 
 @dataclass(frozen=True)
@@ -153,10 +150,11 @@ def train_flop(cfg: RunConfig, f: Facts) -> float:
 
 
 class Model:
-    """The cost model of one run on one machine: a method per stage returns its rows (StageWork)."""
+    """The cost model of one run on one machine: the pieces each stage's work (precompute.stages.STAGES,
+    `Stage.work`) is costed with. `exact_runs`: whether the run has the exact stage."""
 
-    def __init__(self, cfg: RunConfig, f: Facts, rates: Rates, machine: Machine):
-        self.cfg, self.f, self.r = cfg, f, rates
+    def __init__(self, cfg: RunConfig, f: Facts, rates: Rates, machine: Machine, exact_runs: bool = False):
+        self.cfg, self.f, self.r, self.exact_runs = cfg, f, rates, exact_runs
         self.p = pools(cfg, machine, rates)
         self.d = f.shape.d
         self.nlist, code = ivf(cfg)
@@ -225,200 +223,3 @@ class Model:
         written = f.n * (self.code + 8) * 2 + (16 * f.n if not transform else 0)  # codes + ids, twice; PQ errors
         return StageWork(stage, part, "keys", f.n, flop, self.keys_bytes + n_train * 2 * d, written, mem,
                          train_s + encode_s, where)
-
-    # ------------------------------------------------------------ stages
-
-    def datastore(self) -> list[StageWork]:
-        f = self.f
-        return [self.model_map("datastore", f.n, "keys", self.forward(f.tokens_ds, f.sq_ds), f.n * 4,
-                               f.n * (2 * self.d + 4), head=False)]
-
-    def eval_lm(self) -> list[StageWork]:
-        f, d, v = self.f, self.d, self.f.shape.vocab
-        return [self.model_map("eval_lm", f.t, "positions", self.forward(f.tokens_ev, f.sq_ev) + 2 * d * v * f.t,
-                               f.t * 4, 2 * f.t * (2 * d + 8 + 80), head=True)]
-
-    def valid_lm(self) -> list[StageWork]:
-        f, d, v = self.f, self.d, self.f.shape.vocab
-        if not self.cfg.valid_corpus:
-            return []
-        return [self.model_map("valid_lm", f.t_valid, "positions",
-                               self.forward(f.tokens_va, f.sq_va) + 2 * d * v * f.t_valid, f.t_valid * 4,
-                               2 * f.t_valid * (2 * d + 8 + 80), head=True)]
-
-    def index(self) -> list[StageWork]:
-        return [self.build("index", "", transform=False)]
-
-    def whiten(self) -> list[StageWork]:
-        """Per kind: the fit (a map of partial moments over key shards, reduced on the driver) and the index
-        trained and filled on the whitened keys."""
-        f, r, d = self.f, self.r, self.d
-        rows = []
-        for kind in self.cfg.whiten_kinds:
-            if kind == "entries":  # float64 covariance: 2 d² FLOP per key at about half the fp32 GEMM rate
-                flop, unit_s = 2 * f.n * d * d, 2 * d * d / (r.flat_flops / 2)
-            else:  # zipfian: per-type key sums (one pass), then the covariance over types on the driver
-                flop, unit_s = f.n * d + 2 * f.types * d * d, 2 * d / r.types_bytes
-            reduce_s = 2 * f.types * d * d / (self.p.driver * r.flat_flops / 2) + d ** 3 / (self.p.driver * r.flat_flops)
-            rows.append(StageWork("whiten", f"{kind} fit", "keys", f.n, flop, self.keys_bytes, d * d * 8,
-                                  self.shard * d * 12 + (f.types * d * 8 if kind == "zipfian" else d * d * 8),
-                                  self.cpu_map(f.n, unit_s, self.keys_bytes) + reduce_s,
-                                  f"{self.cpu_where}; reduce: driver"))
-            rows.append(self.build("whiten", f"{kind} index", transform=True))
-        return rows
-
-    def blocks(self) -> list[tuple[str, str, int]]:
-        """(split, index, queries) of every neighbour block the search writes (precompute.stages.search.blocks)."""
-        f = self.f
-        if not self.cfg.valid_corpus:
-            return [("eval", "plain", f.t)]
-        return [(s, i, n) for i in ("plain", *self.cfg.whiten_kinds) for s, n in (("eval", f.t), ("valid", f.t_valid))]
-
-    def search(self) -> list[StageWork]:
-        """Per block: the index's k neighbours of every query (quantizer, IVF scan: CPU workers, or GPU workers
-        with faiss-gpu) with their exact distances recomputed on the CPU from the stored keys (k rows gathered
-        per query; whitened on the fly for a whitened index), overlapped with the next batch's search."""
-        cfg, f, r, d, k, p = self.cfg, self.f, self.r, self.d, self.cfg.k, self.p
-        rows = []
-        for split, index_name, q in self.blocks():
-            whitened = index_name != "plain"
-            extra = (2 * d * d + 2 * k * d * d) if whitened else 0  # the query and its k neighbours' keys whitened
-            dists_s = k * 2 * d / r.gather_bytes + extra / r.flat_flops  # core-seconds per query, CPU side
-            scan_s = r.query_s + self.visits / r.visits + 2 * d * (self.nlist + 256) / r.flat_flops
-            gathered = q * k * 2 * d  # neighbour key rows read for the exact distances
-            flop = q * (2 * d * (self.nlist + 256) + self.visits * self.code + 3 * k * d + extra)
-            mem = f.n * (self.code + 12) + cfg.search_batch * k * (12 + 4 * d) + (d * d * 4 if whitened else 0)
-            if self.faiss_gpu:
-                mine = busiest(q, self.shard, p.gpus)
-                gpu_s = self.visits / r.gpu_visits + 2 * d * (self.nlist + 256) / r.gpu_encode_flops
-                seconds = max(mine * max(gpu_s, dists_s / p.cores),
-                              self.io(gathered, min(p.gpus, math.ceil(q / self.shard))))
-                where = f"{p.gpus} GPU worker(s) (faiss-gpu; exact distances on {p.cores} cores each)"
-            else:
-                seconds, where = self.cpu_map(q, scan_s + dists_s, gathered), self.cpu_where
-            rows.append(StageWork("search", f"{split} x {index_name}", "queries", q, flop,
-                                  q * self.visits * (self.code + 8) + gathered, q * k * BLOCK_BYTES_PER_NEIGHBOUR,
-                                  mem, seconds, where))
-        return rows
-
-    def types(self) -> list[StageWork]:
-        cfg, f, r, d, v = self.cfg, self.f, self.r, self.d, self.f.shape.vocab
-        exact = cfg.contamination_search == "exact"
-        key_pass = self.cpu_map(f.n, 2 * 2 * d / r.types_bytes, 2 * self.keys_bytes)  # sums, then the spread
-        if exact:  # each contamination group searches every key for its types
-            flop = 4 * f.n * d + 2 * f.types * f.n * d
-            groups_s = f.types * f.n * 2 * d / r.flat_flops / (self.p.cpu_workers * self.p.cores)
-            cont = max(groups_s, self.io(f.groups * self.keys_bytes, min(self.p.cpu_workers, f.groups)))
-            read = 2 * self.keys_bytes + f.groups * self.keys_bytes
-        else:
-            flop = 4 * f.n * d + f.types * (2 * d * self.nlist + self.visits * self.code)
-            cont = busiest(f.types, 4096, self.p.cpu_workers) * (r.query_s + self.visits / r.visits) / self.p.cores
-            read = 2 * self.keys_bytes + f.types * self.visits * (self.code + 8)
-        mem = v * d * 8 + 2 * self.shard * d * 4 + (0 if exact else f.n * (self.code + 12))
-        return [StageWork("types", "", "types", f.types, flop, read, v * d * 8 + v * 40, mem, key_pass + cont,
-                          self.cpu_where)]
-
-    def exact(self) -> list[StageWork]:
-        """Exact top-k of every evaluation query over every key (SPEC §8), mapped over query shards: GPU workers
-        (matmul + top-k) when there are GPUs, else CPU workers (faiss flat). Each query shard streams every key
-        once per EXACT_QUERY_BLOCK queries; the index's neighbours are read from the (eval, plain) block."""
-        f, r, d, k = self.f, self.r, self.d, self.cfg.k
-        flop = 2 * f.t * f.n * d + 3 * f.t * k * d  # brute force + the rerank's exact distances
-        passes = math.ceil(min(f.t, self.shard) / EXACT_QUERY_BLOCK)  # passes over every key per query shard
-        rerank = k * 2 * d / r.gather_bytes  # core-seconds per query: exact distances of the k found, on the CPU
-        if self.p.gpus:
-            workers, where = self.p.gpus, f"{self.p.gpus} GPU worker(s)"
-            per_query = 2 * f.n * d / r.gpu_exact_flops + rerank / self.p.cores
-            mem = GPU_KEY_BLOCK * d * 4 + 4096 * GPU_KEY_BLOCK * 4  # GPU memory: a key block and its distances
-        else:
-            workers, where = self.p.cpu_workers, self.cpu_where
-            per_query = (2 * f.n * d / r.exact_flops + r.exact_query_s + rerank) / self.p.cores
-            mem = min(self.keys_bytes * 2, 2 << 30) + EXACT_QUERY_BLOCK * k * 12
-        shards = math.ceil(f.t / self.shard)
-        compute = busiest(f.t, self.shard, workers) * per_query
-        key_reads = shards * passes * self.keys_bytes + f.t * k * 2 * d  # every key per pass, the rerank's rows
-        seconds = max(compute, self.io(key_reads, min(workers, shards)))
-        return [StageWork("exact", "", "queries", f.t, flop, key_reads + f.t * k * BLOCK_BYTES_PER_NEIGHBOUR,
-                          f.t * k * BLOCK_BYTES_PER_NEIGHBOUR + f.t * 80, mem, seconds, where)]
-
-    def mitigate(self) -> list[StageWork]:
-        """SPEC §9 from the blocks: validation blocks scored at every τ of the grid (the plain one also at the
-        run's τ), evaluation blocks at the chosen τ (the plain one also at the run's τ, and IDF-weighted)."""
-        if not self.cfg.valid_corpus:
-            return []
-        from precompute.stages.mitigate import tau_grid
-
-        cfg, f, r, k = self.cfg, self.f, self.r, self.cfg.k
-        grid = len(tau_grid(cfg.temperature))
-        rows = []
-        for split, q in (("valid", f.t_valid), ("eval", f.t)):
-            scores = sum((grid + (i == "plain")) if split == "valid" else (3 if i == "plain" else 1)
-                         for i in ("plain", *cfg.whiten_kinds))
-            n_blocks = 1 + len(cfg.whiten_kinds)
-            blocks = busiest(q, self.shard, self.p.cpu_workers) * n_blocks  # maps run block after block
-            seconds = blocks * k * scores / n_blocks / r.score_elems
-            taus = f"{grid} τ" if split == "valid" else "chosen τ"
-            rows.append(StageWork("mitigate", f"{split} scores ({taus}, {n_blocks} blocks)", "queries", q * n_blocks,
-                                  5.0 * q * k * scores, q * n_blocks * k * 8, q * 8 * 8 * n_blocks,
-                                  4096 * k * (8 + 8 * (grid + 1)), seconds, f"{self.p.cpu_workers} CPU worker(s)"))
-        return rows
-
-    def suffix(self) -> list[StageWork]:
-        """SPEC §12 (precompute.stages.suffix, on the driver): the suffix array of the datastore token stream
-        (divsufsort over the stream's bytes at 2 bytes a token: int32 positions below 2^31 bytes) and its
-        lookups (context match, ∞-gram) for every evaluation and validation position."""
-        f, r = self.f, self.r
-        positions = f.t + f.t_valid
-        width = 4 if 2 * f.n < 2**31 else 8
-        return [StageWork("suffix", "", "tokens", f.n, 0, f.n * 4, f.n * width + positions * 24,
-                          f.n * (2 + 2 * width), f.n / r.sa_tokens + positions * r.sa_query_s, "driver (1 thread)")]
-
-    def words(self) -> list[StageWork]:
-        f = self.f
-        text = (f.n + f.t) * TEXT_BYTES_PER_TOKEN
-        return [StageWork("words", "", "tokens", f.n + f.t, 0, text, f.t * 24, text * 3, text / self.r.text_bytes,
-                          "driver")]
-
-    def database(self, exact_runs: bool) -> list[StageWork]:
-        cfg, f, s = self.cfg, self.f, self.cfg.store_neighbors_effective
-        pos_rows = f.t * (1 + s * (2 if exact_runs else 1) + (1 if cfg.valid_corpus else 0))
-        rows = pos_rows + f.shape.vocab + (0 if cfg.datastore_tokens_from else f.n + 1)
-        read = f.t * s * BLOCK_BYTES_PER_NEIGHBOUR * (2 if exact_runs else 1) + f.t * 400
-        return [StageWork("database", "", "rows", rows, 0, read, f.t * s * DB_BYTES_PER_POS + rows * 4, read,
-                          rows / self.r.db_rows, "driver")]
-
-
-def estimate(cfg: RunConfig, f: Facts, rates: Rates, machine: Machine, exact_runs: bool | None = None
-             ) -> list[StageWork]:
-    """Every stage of the run in pipeline order. The exact stage is always costed; `runs` says whether it runs
-    (default: exact_search == "on"; precompute.plan.startup.decide_exact decides "auto")."""
-    model = Model(cfg, f, rates, machine)
-    runs = cfg.exact_search == "on" if exact_runs is None else exact_runs
-    exact = model.exact()
-    for w in exact:
-        w.runs = runs
-    work = [*model.datastore(), *model.eval_lm(), *model.valid_lm(), *model.index(), *model.whiten(),
-            *model.search(), *model.types(), *exact, *model.suffix(), *model.mitigate(), *model.words(),
-            *model.database(runs)]
-    for stage in MAPPED:  # a map stage starts its pool of actors once (Ray)
-        first = next((w for w in work if w.stage == stage), None)
-        if first is not None:
-            first.seconds += model.p.start
-    return work
-
-
-def stage_seconds(work: list[StageWork]) -> dict[str, float]:
-    """Estimated seconds per pipeline stage (parts summed), in pipeline order, stages that run only."""
-    out: dict[str, float] = {}
-    for w in work:
-        if w.runs:
-            out[w.stage] = out.get(w.stage, 0.0) + w.seconds
-    return out
-
-
-def disk(cfg: RunConfig, f: Facts, work: list[StageWork]) -> tuple[float, float]:
-    """(shared storage at peak, local disk per node) in bytes: every output the stages that run write,
-    counted as kept (keys, indexes, blocks, DuckDB)."""
-    shared = sum(w.written for w in work if w.runs) + f.t * 2 * f.shape.d + f.t_valid * 2 * f.shape.d
-    local = f.shape.params * (2 if cfg.dtype != "float32" else 4) + 2 * GB  # model cache + Ray session dir
-    return shared, local

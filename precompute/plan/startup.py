@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 
 from knnlm_core.config import RunConfig
-from precompute.plan.cost import Machine, Rates, estimate, stage_seconds
+from precompute.plan.cost import Machine, Rates
 from precompute.plan.facts import Facts
+from precompute.plan.rows import estimate, stage_seconds
 
 AUTO_ALWAYS_S = 600.0  # an exact stage this short always runs
 AUTO_SHARE = 1.0  # otherwise at most this share of the rest of the run ...

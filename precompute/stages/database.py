@@ -67,7 +67,7 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
     eval_tokens["context_token_id"] = context.astype(np.int32)
     eval_tokens["knn_log_z"] = se["knn_log_z"]  # neighbour j's weight in p_kNN = exp(-d_j / τ - knn_log_z)
     exact_neighbors = add_exact_columns(run, eval_tokens)
-    overlap = add_novelty_columns(run, eval_tokens, ds_ids, ev_ids)
+    neighbors = add_novelty_columns(run, eval_tokens, ds_ids, ev_ids)
     docs = eval_documents(run, ev_ids)
     eval_tokens["doc_id"] = docs.doc_id
 
@@ -79,9 +79,6 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
         "contamination": ty["contamination"][type_ids], "pq_error_mean": ty["pq_mean"][type_ids],
         "pq_error_max": ty["pq_max"][type_ids], "eval_count": eval_count[type_ids],
     })
-    s = cfg.store_neighbors_effective
-    neighbors = first_neighbours(run, "plain", s, distance_pq="dist_pq", distance_exact="dist_exact")
-    neighbors["overlap"] = overlap
     lm_top = per_rank(lm["lm_top_ids"] >= 0, token_id=lm["lm_top_ids"].astype(np.int32),
                       p_lm=lm["lm_top_p"].astype(np.float32))
     knn_top = per_rank(se["knn_top_ids"] >= 0, token_id=se["knn_top_ids"].astype(np.int32),
@@ -93,7 +90,7 @@ def build_tables(run: Run) -> dict[str, pd.DataFrame]:
         "dim": info["dim"], "index_factory": cfg.index_factory, "nprobe": cfg.nprobe, "k": cfg.k,
         "temperature": cfg.temperature, "lambda": cfg.lam, "distance_source": cfg.distance_source,
         "ppl_lm": ppl_lm, "ppl_knnlm": ppl_knnlm, "schema_version": store.SCHEMA_VERSION,
-        "store_neighbors": s, "hook_point": info.get("hook_point", ""),
+        "store_neighbors": cfg.store_neighbors_effective, "hook_point": info.get("hook_point", ""),
         "contamination_mode": info.get("contamination_mode", cfg.contamination_search),
         "datastore_corpus": cfg.datastore_corpus, "eval_corpus": cfg.eval_corpus,
         "created_at": info["created_at"], "config_json": json.dumps(cfg.to_dict(), sort_keys=True),
@@ -161,10 +158,12 @@ def add_exact_columns(run: Run, eval_tokens: pd.DataFrame) -> pd.DataFrame:
     return first_neighbours(run, "exact", run.cfg.store_neighbors_effective, distance="dist_exact")
 
 
-def add_novelty_columns(run: Run, eval_tokens: pd.DataFrame, ds_ids: np.ndarray, ev_ids: np.ndarray) -> np.ndarray:
+def add_novelty_columns(run: Run, eval_tokens: pd.DataFrame, ds_ids: np.ndarray, ev_ids: np.ndarray
+                        ) -> pd.DataFrame:
     """SPEC §12 columns of eval_tokens (the suffix stage's ctx_match_len, p_inf, inf_suffix_len, inf_count, and
     copy_share from the (eval, plain) block: the share of p_kNN carried by neighbours whose context overlaps the
-    query's by >= 4 tokens); returns the overlap of the stored neighbours, in the `neighbors` table's row order."""
+    query's by >= 4 tokens). The same pass over the block returns the `neighbors` table: the first
+    store_neighbors neighbours of every position with both distances and their context overlap."""
     cfg = run.cfg
     inf = load_npz(run.path("infgram.npz"))
     for name in SUFFIX_COLUMNS:
@@ -172,7 +171,7 @@ def add_novelty_columns(run: Run, eval_tokens: pd.DataFrame, ds_ids: np.ndarray,
     block = neighbours.open_block(neighbours.block_dir(run.run_dir, "eval", "plain"))
     column = "dist_exact" if cfg.distance_source == "exact" else "dist_pq"
     targets, s = ev_ids[1:].astype(np.int64), cfg.store_neighbors_effective
-    share, stored = np.full(len(targets), np.nan), []
+    share, parts = np.full(len(targets), np.nan), []
     for lo, hi in block.row_ranges(16384):
         ids, vals = block.rows("ids", lo, hi), block.rows("values", lo, hi)
         pos = np.arange(lo, hi)
@@ -181,9 +180,18 @@ def add_novelty_columns(run: Run, eval_tokens: pd.DataFrame, ds_ids: np.ndarray,
         overlap = infgram.neighbour_overlap(ds_ids, ev_ids, pos, carriers, cfg.ctx_max_len)
         share[lo:hi] = infgram.copy_share(weights, vals, targets[lo:hi], overlap)
         first = ids[:, :s]
-        stored.append(infgram.neighbour_overlap(ds_ids, ev_ids, pos, first, cfg.ctx_max_len)[first >= 0])
+        part = per_rank(first >= 0, entry=first, token_id=vals[:, :s], distance_pq=block.rows("dist_pq", lo, hi, s),
+                        distance_exact=block.rows("dist_exact", lo, hi, s))
+        part["pos"] += lo
+        part["overlap"] = infgram.neighbour_overlap(ds_ids, ev_ids, pos, first, cfg.ctx_max_len)[first >= 0].astype(
+            np.int16)
+        parts.append(part)
     eval_tokens["copy_share"] = pd.array(np.where(np.isnan(share), None, share), dtype="Float64")  # NULL: p_kNN = 0
-    return np.concatenate(stored).astype(np.int16) if stored else np.zeros(0, np.int16)
+    if parts:
+        return pd.concat(parts, ignore_index=True)
+    empty = np.zeros((0, s))
+    return per_rank(empty.astype(bool), entry=empty, token_id=empty, distance_pq=empty, distance_exact=empty).assign(
+        overlap=np.zeros(0, np.int16))
 
 
 def first_neighbours(run: Run, index_name: str, s: int, **distances: str) -> pd.DataFrame:

@@ -58,6 +58,10 @@ def datastore_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=N
 
 
 def stage_datastore(run: Run, key: str) -> dict:
+    if run.cfg.import_datastore:  # a knn-transformers datastore, checked during validation, takes the place of extraction
+        from precompute.stages.imported import import_body
+
+        return import_body(run, key)
     ids, groups = window_groups(run, "datastore_ids.npy")
     n, d = len(ids) - 1, run.info["dim"]
     if run.path("keys.npy").exists():  # an older single-file layout would shadow nothing but confuse readers
@@ -67,7 +71,7 @@ def stage_datastore(run: Run, key: str) -> dict:
     done = sum(r for i, r in enumerate(rows) if shards.done(i))
     executor = executor_of(run)
     with tqdm(total=n, initial=done, desc="datastore keys", unit="key", dynamic_ncols=True) as bar:
-        executor.map(run, ShardJob("datastore", shard_key(key), datastore_shard, kind="model"),
+        executor.map(run, ShardJob("datastore", shard_key(key), datastore_shard, kind="gpu"),
                      shards.todo(len(groups)), bar.update)
     remove_tmp_files(shards.folder)  # left by attempts that were killed mid-shard
     save_json(run.path(SHARD_DIR) / SHARD_LIST,

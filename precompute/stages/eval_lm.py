@@ -11,9 +11,11 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from knnlm_core.config import resolve_path
+from knnlm_core.corpus import tokenize_file
 from precompute.executor import Progress, ShardJob, executor_of
 from precompute.extract import LMOutputs, extract, heap_allocations, owned_rows, shard_key
-from precompute.runner import Run, concat_shards, save_npy, save_npz, stage_shards
+from precompute.runner import Run, RunError, concat_shards, save_npy, save_npz, stage_shards
 from precompute.stages.datastore import window_groups
 
 # stage -> (token ids file, queries file, LM results file, entropy file)
@@ -50,7 +52,7 @@ def stage_lm(run: Run, key: str, stage: str = "eval_lm") -> dict:
     executor = executor_of(run)
     desc = "eval queries + p_LM" if stage == "eval_lm" else "validation queries + p_LM"
     with tqdm(total=t, desc=desc, unit="pos", dynamic_ncols=True) as bar:
-        executor.map(run, ShardJob(stage, shard_key(key), lm_shard, kind="model"), shards.todo(len(groups)),
+        executor.map(run, ShardJob(stage, shard_key(key), lm_shard, kind="gpu"), shards.todo(len(groups)),
                      bar.update)
     parts = concat_shards(shards, len(groups))
     save_npy(run.path(queries_file), parts.pop("queries"))
@@ -68,3 +70,14 @@ def stage_eval_lm(run: Run, key: str) -> dict:
 
 def stage_valid_lm(run: Run, key: str) -> dict:
     return stage_lm(run, key, "valid_lm")
+
+
+def stage_valid_text(run: Run, key: str) -> dict:
+    """The validation text tokenized (`valid_ids.npy`), then run through the model like the evaluation text."""
+    cfg = run.cfg
+    ids = tokenize_file(resolve_path(cfg.valid_corpus), run.tokenizer, cfg.valid_limit_tokens or None)
+    if len(ids) < 2:
+        raise RunError(f"valid_corpus {cfg.valid_corpus} has fewer than 2 tokens (choose a longer validation text)")
+    save_npy(run.path("valid_ids.npy"), ids)
+    run.memo.clear()
+    return stage_valid_lm(run, key)

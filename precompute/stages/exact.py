@@ -78,6 +78,12 @@ def exact_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None)
     return hi - lo
 
 
+def exact_job(run: Run, key: str) -> ShardJob:
+    """The exact stage's map: on the GPU pool when the run computes on cuda (its torch shortlist and rerank
+    run there; under Ray a CPU actor would silently do the GPU's work), else on CPU workers."""
+    return ShardJob("exact", key, exact_shard, folder=BLOCK, kind="gpu" if run.info["device"] == "cuda" else "cpu")
+
+
 def stage_exact(run: Run, key: str) -> dict:
     cfg = run.cfg
     n = run.info["n_eval"]
@@ -88,7 +94,7 @@ def stage_exact(run: Run, key: str) -> dict:
             if not (neighbours.shard_done(tag.folder, i, lo, hi, cfg.k) and shards.done(i))]
     with tqdm(total=n, initial=n - sum(ranges[i][1] - ranges[i][0] for i in todo), desc="exact search",
               unit="query", dynamic_ncols=True) as bar:
-        executor_of(run).map(run, ShardJob("exact", key, exact_shard, folder=BLOCK), todo, bar.update)
+        executor_of(run).map(run, exact_job(run, key), todo, bar.update)
     run.memo.clear()
     neighbours.finish(tag.folder, ranges, cfg.k)
     save_npz(run.path("exact.npz"), **concat_shards(shards, len(ranges)))

@@ -30,6 +30,10 @@ TORCH_ENCODER_DEVICES = ("cuda",)  # devices whose workers encode IVFPQ codes in
 
 def stage_index(run: Run, key: str) -> dict:
     cfg = run.cfg
+    if cfg.import_datastore and run.info["imported"]["index_used"]:  # the imported datastore's own index
+        from precompute.stages.imported import import_index
+
+        return import_index(run, key)
     run.memo[("keys",)] = keys = run.keys()
     shards = stage_shards(run, "index", key, "index.shards")
     index, entry_err, train_s = build_index(keys, cfg.index_factory, cfg.train_size, cfg.seed, cfg.shard_size, shards,
@@ -103,7 +107,7 @@ def build_index(keys, factory: str, train_size: int, seed: int, shard_size: int,
     ranges = shard_ranges(len(keys), shard_size)
     todo = list(shards.todo(len(ranges)))
     on_gpu = encoder_name(index, run.info.get("device", "cpu")) == "torch-cuda"  # Ray: the GPU actors encode
-    job = ShardJob("index", shards.key, encode_shard, encode_load, kind="model" if on_gpu else "cpu",
+    job = ShardJob("index", shards.key, encode_shard, encode_load, kind="gpu" if on_gpu else "cpu",
                    folder=shards.folder.name)
     with tqdm(total=len(keys), initial=len(keys) - sum(ranges[i][1] - ranges[i][0] for i in todo),
               desc="index encode", unit="key", dynamic_ncols=True) as bar:

@@ -28,8 +28,8 @@ from knnlm_core import adaptive, neighbours, whatif
 from knnlm_core.knn import interpolate, p_knn_of, p_knn_weighted
 from precompute.executor import Progress, ShardJob, executor_of
 from precompute.runner import Run, concat_shards, load_npy, load_npz, save_json, save_npz, stage_shards
+from precompute.stages import TAU_GRID, tau_grid  # noqa: F401 - TAU_GRID: re-exported (the key's grid)
 
-TAU_GRID = 2.0 ** (np.arange(-8, 57) / 4)  # 0.25 … 16,384, 4 per octave: raw GPT-2 to whitened distance scales
 ROWS = 4096  # block rows scored at a time
 SCORES = "mitigate.shards"  # per (split, index): one npz of scores per block shard
 CHOSEN = f"{SCORES}/chosen_tau.json"  # τ chosen on validation per index: what the evaluation shards are scored at
@@ -40,11 +40,6 @@ VARIANT_LABELS = {
     "infgram": "∞-gram interpolation (no kNN)",
 }
 LAMBDA_GRID = np.round(np.arange(101) / 100, 2)  # λ_∞ candidates (SPEC §12), as the adaptive λ's grid
-
-
-def tau_grid(run_tau: float) -> np.ndarray:
-    """TAU_GRID with the run's own τ added: a τ chosen on validation is never worse there than the run's."""
-    return np.unique(np.append(TAU_GRID, run_tau))
 
 
 def score_rows(block: neighbours.Block, column: str, lo: int, hi: int, targets: np.ndarray, taus: np.ndarray,

@@ -20,21 +20,14 @@ from precompute import runner
 from precompute.executor import Progress, ShardJob, executor_of
 from precompute.runner import Run, artifact_problem, concat_shards, save_npz, shard_ranges, stage_shards
 from precompute.search import open_index, position_metrics, search_rows
+from precompute.stages import search_blocks
 
 METRICS = "search.shards"  # per-position results of (eval, plain), one npz per shard
-NO_METRICS = "#blocks-only"  # job folder suffix: search.npz is whole, only damaged block shards are redone
 
 
 def blocks(run: Run) -> list[tuple[str, str]]:
-    """(split, index) of every block this run searches."""
-    cfg = run.cfg
-    splits = ["eval", "valid"] if cfg.valid_corpus else ["eval"]
-    indexes = ["plain", *cfg.whiten_kinds] if cfg.valid_corpus else ["plain"]
-    return [(s, i) for i in indexes for s in splits]
-
-
-def outputs(run: Run) -> list[str]:
-    return ["search.npz"] + [f"{neighbours.ROOT}/{s}-{i}/{neighbours.LISTING}" for s, i in blocks(run)]
+    """(split, index) of every block this run searches (`precompute.stages.search_blocks`)."""
+    return search_blocks(run.cfg)
 
 
 def index_inputs(run: Run, index_name: str, mmap: bool) -> dict:
@@ -51,21 +44,21 @@ def index_inputs(run: Run, index_name: str, mmap: bool) -> dict:
     return {"index": index, "keys": keys, "transform": transform, "values": run.values()}
 
 
-def parse_folder(folder: str) -> tuple[str, str, bool]:
-    """(split, index, whether the shard also saves its per-position metrics) of a job's folder."""
-    with_metrics = not folder.endswith(NO_METRICS)
-    split, _, index_name = folder.removesuffix(NO_METRICS).rpartition("/")[2].partition("-")
-    return split, index_name, with_metrics and (split, index_name) == ("eval", "plain")
+def parse_folder(folder: str) -> tuple[str, str]:
+    """(split, index) of a block's folder (`neighbours/<split>-<index>`)."""
+    split, _, index_name = folder.rpartition("/")[2].partition("-")
+    return split, index_name
 
 
 def search_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None) -> int:
     """Search shard i of one block's queries and save the block shard (and, for (eval, plain), its metrics)."""
     cfg = run.cfg
-    split, index_name, with_metrics = parse_folder(job.folder)
+    split, index_name = parse_folder(job.folder)
+    with_metrics = "metrics" in job.options  # (eval, plain) unless search.npz of this key is whole
     queries, targets = run.cached(("queries", split), lambda: run.split(split))
     ix = run.cached(("index", job.key, index_name), lambda: index_inputs(run, index_name, runner.IN_WORKER))
     lo, hi = shard_ranges(len(targets), cfg.shard_size)[i]
-    tag = stage_shards(run, "search", job.key, job.folder.removesuffix(NO_METRICS), suffix=".json")
+    tag = stage_shards(run, "search", job.key, job.folder, suffix=".json")
     metrics = stage_shards(run, "search", job.key, METRICS) if with_metrics else None
     if neighbours.shard_done(tag.folder, i, lo, hi, cfg.k) and (metrics is None or metrics.done(i)):
         return hi - lo  # a retried task whose first attempt had finished counts once
@@ -96,7 +89,8 @@ def stage_search(run: Run, key: str) -> dict:
         todo = [j for j, (lo, hi) in enumerate(ranges) if not neighbours.shard_done(tag.folder, j, lo, hi, cfg.k)
                 or (metrics is not None and not metrics.done(j))]
         todo_total += sum(ranges[j][1] - ranges[j][0] for j in todo)
-        job = ShardJob("search", key, search_shard, folder=folder + ("" if with_metrics else NO_METRICS))
+        job = ShardJob("search", key, search_shard, folder=folder,
+                       options=frozenset({"metrics"}) if with_metrics else frozenset())
         jobs.append((job, todo, ranges, tag.folder))
     with tqdm(total=todo_total, desc="search", unit="query", dynamic_ncols=True) as bar:
         for job, todo, _, _ in jobs:

@@ -162,7 +162,7 @@ def stage_types(run: Run, key: str) -> dict:
     if cfg.contamination_search == "index":
         contamination_index(run, key)  # opened (and nprobe set) before the map, as the in-process shards use it
     # exact search on the GPU when the run has one: the GPU actors on a cluster
-    kind = "model" if cfg.contamination_search == "exact" and run.info["device"] == "cuda" else "cpu"
+    kind = "gpu" if cfg.contamination_search == "exact" and run.info["device"] == "cuda" else "cpu"
     cont_sh = run_map(run, ShardJob("types", key, contamination_shard, kind=kind, folder="types.shards/contamination"),
                       len(groups), f"contamination ({cfg.contamination_search})")
     for i in range(len(groups)):

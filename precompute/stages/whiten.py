@@ -92,6 +92,3 @@ def fit_on_shards(run: Run, kind: str, built: str) -> whiten.Whitening:
 def stage_whiten(run: Run, key: str) -> dict:
     return {"whiten": {kind: build_kind(run, kind) for kind in run.cfg.whiten_kinds}}
 
-
-def whiten_outputs(kinds) -> list[str]:
-    return [f for kind in kinds for f in kind_files(kind)]
