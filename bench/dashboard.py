@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import statistics
 import sys
 import time
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import BenchParser, count  # noqa: E402
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-PAGES = ("overview", "bins", "tokens", "neighbors", "exact", "whatif", "mitigations", "compare")
+PAGES = tuple(m.group(1) for m in re.finditer(r'st\.Page\("pages/(\w+)\.py"', Path(APP).read_text(encoding="utf-8"))
+              if m.group(1) != "probe")  # every page app.py registers (the probe needs a run built with its index)
 
 
 def time_page(page: str, run: str, params: dict[str, str], repeats: int) -> tuple[float, float]:

@@ -8,7 +8,7 @@ search changes the kNN-LM NLL most link into the neighbour inspector.
 
 import streamlit as st
 
-from knnlm_core import read
+from knnlm_core import read, schema
 from knnlm_core.bins import bin_label
 from ui import cache, ci, figures, links, show, widgets
 
@@ -43,7 +43,7 @@ c2.plotly_chart(figures.bin_bars(
     df, {"share_explained_by_distances": "PQ distances", "share_explained_by_neighbours": "IVFPQ neighbours",
          "share_explained_by_quantization": "both"},
     "kNN-LM effect explained by approximate search", "share of Δ mean NLL", percent=True))
-recall_cols = {f"recall_{r}": f"recall@{r}" for r in (16, 64, 1024) if f"recall_{r}" in df}
+recall_cols = {f"recall_{r}": f"recall@{r}" for r in schema.RECALL_KS if f"recall_{r}" in df}
 c1.plotly_chart(figures.bin_bars(df, recall_cols, "Recall of the index's neighbours vs exact search", "recall",
                                  percent=True))
 ks = read.run.hit_ks_for(k)

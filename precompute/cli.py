@@ -29,7 +29,7 @@ USER_ERRORS = (
     "knnlm_core.config.ConfigError", "knnlm_core.corpus.CorpusError", "knnlm_core.factory.FactoryError",
     "knnlm_core.keystore.KeyStoreError", "knnlm_core.model.ModelError", "knnlm_core.store.RunSchemaError",
     "precompute.runner.RunError", "precompute.cli.UsageError",
-    "precompute.knn_transformers.DatastoreError",
+    "precompute.knn_transformers.format.DatastoreError",
 )
 
 

@@ -1,4 +1,4 @@
-"""Tests of precompute/knn_transformers.py against an independent writer of knn-transformers' format.
+"""Tests of precompute/knn_transformers/ against an independent writer of knn-transformers' format.
 
 The writer below re-implements, in plain numpy / torch / faiss, what neulab/knn-transformers (commit
 5b370d2) does: `run_clm.py`'s `group_texts` (lines tokenized and concatenated per `datasets.map` batch,

@@ -41,19 +41,6 @@ URL_PARAMS: dict[str, object] = {
     "variant_b": "plain",  # mitigation variant of the second run on the compare page
 }
 
-PAGES = {  # page file -> URL path
-    "overview": "pages/overview.py",
-    "bins": "pages/bins.py",
-    "novelty": "pages/novelty.py",
-    "tokens": "pages/tokens.py",
-    "neighbors": "pages/neighbors.py",
-    "exact": "pages/exact.py",
-    "whatif": "pages/whatif.py",
-    "mitigations": "pages/mitigations.py",
-    "compare": "pages/compare.py",
-}
-
-
 def runs_root() -> Path:
     """Directory holding the runs: $KNNLM_RUNS_DIR, else <repo>/data/runs."""
     env = os.environ.get(RUNS_ENV)

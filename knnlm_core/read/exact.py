@@ -49,7 +49,7 @@ def exact_bin_summary(cur: duckdb.DuckDBPyConnection, run_k: int, lam: float) ->
     |Δ_ivfpq| < MIN_EFFECT_NATS: a share of an effect that small is noise.
     """
     ks = hit_ks_for(run_k)
-    recall = ", ".join(f"avg(recall_{k}) AS recall_{k}" for k in (16, 64, 1024) if k <= run_k)
+    recall = ", ".join(f"avg(recall_{k}) AS recall_{k}" for k in schema.RECALL_KS if k <= run_k)
     hits = ", ".join(
         f"avg(hit_{k}::DOUBLE) AS hit_{k}_index, avg(coalesce(exact_target_rank <= {k}, FALSE)::DOUBLE) AS hit_{k}_exact"
         for k in ks
@@ -76,7 +76,7 @@ def exact_bin_summary(cur: duckdb.DuckDBPyConnection, run_k: int, lam: float) ->
     """
     lam_params = [float(lam), float(lam)] * len(EXACT_SETTINGS)
     df = add_bin_label(_df(cur, sql, lam_params))
-    recall_ks = tuple(k for k in (16, 64, 1024) if k <= run_k)
+    recall_ks = tuple(k for k in schema.RECALL_KS if k <= run_k)
     return with_intervals(df, exact_intervals(cur, lam, ks, recall_ks))
 
 

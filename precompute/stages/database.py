@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from knnlm_core import documents, infgram, neighbours, store, words
+from knnlm_core import documents, infgram, neighbours, schema, store, words
 from knnlm_core.bins import freq_bin
 from knnlm_core.config import resolve_path
 from knnlm_core.corpus import read_text
@@ -145,12 +145,12 @@ def add_exact_columns(run: Run, eval_tokens: pd.DataFrame) -> pd.DataFrame:
     """SPEC §8 columns of eval_tokens (NULL when the run has no exact search) and the exact neighbours."""
     t = len(eval_tokens)
     if not run.info.get("exact_search"):
-        for name in [f"recall_{k}" for k in store.RECALL_KS] + ["p_knn_ivf_pq", "p_knn_ivf_exact", "p_knn_exact"]:
+        for name in [f"recall_{k}" for k in store.RECALL_KS] + [f"p_knn_{s}" for s in schema.EXACT_SETTINGS]:
             eval_tokens[name] = np.full(t, np.nan)
         eval_tokens["exact_target_rank"] = pd.array([pd.NA] * t, dtype="Int32")
         return pd.DataFrame({"pos": [], "rank": [], "entry": [], "distance": []})
     ex = load_npz(run.path("exact.npz"))
-    for name in [f"recall_{k}" for k in store.RECALL_KS] + ["p_knn_ivf_pq", "p_knn_ivf_exact", "p_knn_exact"]:
+    for name in [f"recall_{k}" for k in store.RECALL_KS] + [f"p_knn_{s}" for s in schema.EXACT_SETTINGS]:
         eval_tokens[name] = ex[name]
     rank = pd.array(ex["exact_target_rank"], dtype="Int32")
     rank[ex["exact_target_rank"] <= 0] = pd.NA

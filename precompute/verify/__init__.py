@@ -21,37 +21,10 @@ a random sample.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from knnlm_core import store
-
 from .command import main, run_checks
 from .common import Check
-from .context import load
 from .documents import reference_doc_ids
 from .registry import CHECKS, STAGE_NAMES
+from .run import verify_run
 
 __all__ = ["CHECKS", "STAGE_NAMES", "Check", "main", "reference_doc_ids", "run_checks", "verify_run"]
-
-
-def verify_run(run_dir: Path, sample: int = 2000, type_sample: int = 300, seed: int = 0,
-               exact_sample: int = 200) -> list[Check]:
-    """List of (check, passed, detail) for the run at run_dir, stage by stage (registry.CHECKS).
-
-    KeyStoreError if its keys are unreadable, RunSchemaError if its database is absent or outdated, its subclass
-    store.CorruptRunError if damaged (a block failing its checksum on a later read included).
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / store.DB_NAME
-    con = store.open_readonly(path)  # attaches a shared datastore_tokens table
-    try:
-        with store.corruption_is_bad_input(path):  # a block failing its checksum on a later read: CorruptRunError
-            ctx = load(con, run_dir, sample, type_sample, seed, exact_sample)
-            checks: list[Check] = []
-            for stage in STAGE_NAMES:
-                for module in CHECKS[stage]:
-                    if module.applies(ctx):
-                        checks += module.check(ctx)
-        return checks
-    finally:
-        con.close()

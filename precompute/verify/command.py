@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+DESCRIPTION = "Independent recomputation of a run's stored columns from the run's own files (SPEC §2-§5, §7)."
+
 RUN_FILES = ("values.npy", "queries.npy", "index.faiss", "eval_ids.npy", "datastore_ids.npy", "manifest.json",
              "metrics.duckdb")
 
@@ -34,10 +36,9 @@ def check_run_files(run_dir: Path) -> None:
 
 
 def parse_args(argv: list[str] | None):
-    from precompute import verify
     from precompute.cli import Parser, int_in, path_arg
 
-    parser = Parser(prog="python -m precompute.verify", description=verify.__doc__.splitlines()[0])
+    parser = Parser(prog="python -m precompute.verify", description=DESCRIPTION)
     parser.add_argument("--run-dir", type=path_arg, required=True)
     parser.add_argument("--sample", type=int_in(1), default=2000, help="evaluation positions re-searched")
     parser.add_argument("--type-sample", type=int_in(1), default=300, help="token types recomputed")
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None):
 
 def run_checks(argv: list[str] | None) -> int:
     """Check the arguments and the run's files, then every column; 1 when a check fails."""
-    from precompute.verify import verify_run
+    from precompute.verify.run import verify_run
 
     args = parse_args(argv)
     check_run_files(args.run_dir)
