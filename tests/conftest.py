@@ -161,3 +161,15 @@ def app_on(root: Path, monkeypatch):
 def runs_env(runs_root, monkeypatch):
     """The app on the session's test runs."""
     yield from app_on(runs_root, monkeypatch)
+
+
+# The longest test files first: xdist (`--dist loadfile`, pyproject.toml) hands files to its two workers in
+# collection order, so the long ones start at once and the short ones fill in at the end (measured: the tail
+# with the long files last left one worker idle for over a minute).
+LONGEST_FIRST = ("test_ray.py", "test_runner.py", "test_url_fuzz.py", "test_e2e_browser.py", "test_page_params.py",
+                 "test_verify.py", "test_mitigate_stage.py", "test_plan.py", "test_pipeline.py", "test_hostile_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
