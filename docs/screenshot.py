@@ -3,8 +3,8 @@
 `python -m docs.screenshot` starts `streamlit run app.py` on a free port (data/runs, read-only),
 waits for its health check, opens `/?run=demo` (the Overview is the default page) in Debian's
 Chromium through Playwright (`executable_path=/usr/bin/chromium`, never a browser download), waits
-for the metrics and the sidebar's page links, and writes a palette-quantised PNG. It fails when the
-sidebar does not list every page of app.py, or when the page shows an exception or an error box.
+for the metrics, a chart and the navigation bar, and writes a palette-quantised PNG. It fails when the
+sidebar lists raw page files, or when the page shows an exception or an error box.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ OUT = REPO / "docs" / "screenshot.png"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-dev-shm-usage"]
-VIEWPORT = {"width": 1400, "height": 1250}
+VIEWPORT = {"width": 1600, "height": 1250}
 TIMEOUT_MS = 120_000
 COLOURS = 128  # palette size of the written PNG (keeps it well under 300 KB)
 
@@ -63,7 +63,7 @@ def start_server(port: int) -> subprocess.Popen:
 
 
 def capture(url: str, titles: list[str]) -> bytes:
-    """PNG bytes of the page at `url` once its metrics and every sidebar page link are drawn."""
+    """PNG bytes of the page at `url` once its metrics, a chart and the navigation bar are drawn."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -73,9 +73,11 @@ def capture(url: str, titles: list[str]) -> bytes:
             page.goto(url)
             page.get_by_text("PPL kNN-LM").first.wait_for(timeout=TIMEOUT_MS)
             page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=TIMEOUT_MS)
-            nav = page.locator('[data-testid="stSidebarNav"]')
-            for title in titles:
-                nav.get_by_text(title, exact=True).first.wait_for(timeout=TIMEOUT_MS)
+            nav = page.locator('[data-testid^="stTopNav"]')  # the navigation bar (app.py: position="top")
+            nav.get_by_text(titles[1], exact=True).first.wait_for(timeout=TIMEOUT_MS)
+            raw = page.locator('[data-testid^="stSidebarNavLink"]').count()
+            if raw:  # folder mode's raw file names (issue 21 item 4)
+                raise RuntimeError(f"{url} shows {raw} sidebar file link(s)")
             page.wait_for_timeout(2000)  # let the chart finish its transition
             shown = page.locator('[data-testid="stException"], [data-testid="stAlertContentError"]').count()
             if shown:
