@@ -173,3 +173,35 @@ LONGEST_FIRST = ("test_ray.py", "test_runner.py", "test_url_fuzz.py", "test_e2e_
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
+
+
+# ---------------------------------------------------------------- read-side fixtures (tests/test_read_*.py)
+
+
+@pytest.fixture(scope="module")
+def cur(tiny_run):
+    """A read-only cursor on the session's tiny run."""
+    from knnlm_core import store
+
+    con = store.open_readonly(tiny_run / store.DB_NAME)
+    yield con.cursor()
+    con.close()
+
+
+@pytest.fixture(scope="module")
+def ev(cur):
+    """The tiny run's eval_tokens, ordered by position (the pandas reference of the read-side tests)."""
+    return cur.execute("SELECT * FROM eval_tokens ORDER BY pos").df()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """A read-only cursor on the shipped demo run (skipped when it is absent)."""
+    from knnlm_core import store
+
+    path = REPO / "data" / "runs" / "demo" / store.DB_NAME
+    if not path.exists():
+        pytest.skip("shipped demo run not present")
+    con = store.open_readonly(path)
+    yield con.cursor()
+    con.close()

@@ -7,32 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from knnlm_core import read, store
+from knnlm_core import read
 from knnlm_core.bins import bin_labels
-
-
-@pytest.fixture(scope="module")
-def cur(tiny_run):
-    con = store.open_readonly(tiny_run / store.DB_NAME)
-    yield con.cursor()
-    con.close()
-
-
-@pytest.fixture(scope="module")
-def ev(cur):
-    return cur.execute("SELECT * FROM eval_tokens ORDER BY pos").df()
-
-
-@pytest.fixture(scope="module")
-def demo():
-    from knnlm_core.config import REPO_ROOT
-
-    path = REPO_ROOT / "data" / "runs" / "demo" / store.DB_NAME
-    if not path.exists():
-        pytest.skip("shipped demo run not present")
-    con = store.open_readonly(path)
-    yield con.cursor()
-    con.close()
 
 
 def test_bin_summary_matches_pandas(cur, ev):

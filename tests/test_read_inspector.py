@@ -3,21 +3,7 @@ overlaps and the default position recomputed from the tables."""
 
 from __future__ import annotations
 
-import pytest
-
-from knnlm_core import infgram, read, store
-
-
-@pytest.fixture(scope="module")
-def cur(tiny_run):
-    con = store.open_readonly(tiny_run / store.DB_NAME)
-    yield con.cursor()
-    con.close()
-
-
-@pytest.fixture(scope="module")
-def ev(cur):
-    return cur.execute("SELECT * FROM eval_tokens ORDER BY pos").df()
+from knnlm_core import infgram, read
 
 
 def test_eval_position_views(cur, ev):

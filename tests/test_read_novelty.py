@@ -13,18 +13,6 @@ import pytest
 from knnlm_core import infgram, read, store
 
 
-@pytest.fixture(scope="module")
-def cur(tiny_run):
-    con = store.open_readonly(tiny_run / store.DB_NAME)
-    yield con.cursor()
-    con.close()
-
-
-@pytest.fixture(scope="module")
-def ev(cur):
-    return cur.execute("SELECT * FROM eval_tokens ORDER BY pos").df()
-
-
 def _novelty_reference(g: pd.DataFrame, total_gain: float) -> dict:
     copy = g["copy_share"].dropna()
     return {"n_tokens": len(g), "ppl_lm": np.exp(g["nll_lm"].mean()), "ppl_knnlm": np.exp(g["nll_knnlm"].mean()),

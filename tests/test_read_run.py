@@ -2,21 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
 from knnlm_core import read, store
-
-
-@pytest.fixture(scope="module")
-def cur(tiny_run):
-    con = store.open_readonly(tiny_run / store.DB_NAME)
-    yield con.cursor()
-    con.close()
-
-
-@pytest.fixture(scope="module")
-def ev(cur):
-    return cur.execute("SELECT * FROM eval_tokens ORDER BY pos").df()
 
 
 def test_run_info(cur):

@@ -5,31 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from knnlm_core import read, store
-
-
-@pytest.fixture(scope="module")
-def cur(tiny_run):
-    con = store.open_readonly(tiny_run / store.DB_NAME)
-    yield con.cursor()
-    con.close()
-
-
-@pytest.fixture(scope="module")
-def ev(cur):
-    return cur.execute("SELECT * FROM eval_tokens ORDER BY pos").df()
-
-
-@pytest.fixture(scope="module")
-def demo():
-    from knnlm_core.config import REPO_ROOT
-
-    path = REPO_ROOT / "data" / "runs" / "demo" / store.DB_NAME
-    if not path.exists():
-        pytest.skip("shipped demo run not present")
-    con = store.open_readonly(path)
-    yield con.cursor()
-    con.close()
+from knnlm_core import read
 
 
 def test_find_types(cur):
