@@ -2,10 +2,13 @@
 
 CPU (always): the same float32 keys and queries, the same k, best of two interleaved timings:
 * faiss.knn -- one `faiss.knn(queries, keys, k)` over all keys: the plain exact search;
-* exact path -- `exact_knn_with_dists(..., "cpu")`, the CPU path the exact stage runs: faiss's
-  k + margin nearest (streamed in 2 GiB blocks into a `ResultHeap`), reranked by the difference
-  and certified (ratio = faiss.knn time / exact path time, goal >= 1.0x);
-* torch path on CPU (for information) -- the GPU code (`shortlist_knn`) on this CPU in bf16.
+* faiss shortlist -- `faiss_knn`: faiss's k + margin nearest (streamed in 2 GiB blocks into a
+  `ResultHeap`), reranked by the difference and certified;
+* subspace bound -- `precompute.exact_projection.projection_knn`, the CPU path the exact stage runs
+  on keys whose top 64 principal directions hold >= 90% of the variance (real LM keys; not the
+  synthetic isotropic ones: use --run-dir): a 65-column faiss brute force over a proven lower bound,
+  4k shortlist reranked and certified (ratio = faiss.knn time / its time, goal >= 1.0x);
+* torch path on CPU (--torch, for information) -- the GPU code (`shortlist_knn`) on this CPU in bf16.
 The result sets are compared (identical between the two exact paths; faiss.knn's own float32
 distances may order near-ties otherwise).
 
@@ -34,6 +37,7 @@ import torch  # noqa: E402
 
 from bench.common import BenchParser, DefaultsHelp, count  # noqa: E402
 from precompute.exact import GPU_KEY_BLOCK, QUERY_BLOCK, exact_knn_with_dists, faiss_knn, shortlist_knn  # noqa: E402
+from precompute.exact_projection import MIN_SHARE, fit_lower_bound, projection_knn  # noqa: E402
 
 
 def best_of(fns: dict, repeats: int = 2) -> dict[str, float]:
@@ -71,9 +75,12 @@ def cpu_sides(args) -> None:
     n, d = keys.shape
     k = min(args.k, n)
     print(f"CPU: keys {n:,} x {d} (fp16 values in float32), {len(q):,} queries, k = {k}, {args.threads} threads")
+    t0 = time.perf_counter()
+    lower = fit_lower_bound(keys)  # once per process in the stage (exact_inputs), not per query block
+    fit_s = time.perf_counter() - t0
     warm = q[: max(1, len(q) // 20)]
-    faiss.knn(warm, keys, k), faiss_knn(warm, keys, k), shortlist_knn(warm, keys, k, "cpu", low_dtype="bfloat16")
-    stats_faiss, stats_torch = {}, {}
+    faiss.knn(warm, keys, k), faiss_knn(warm, keys, k)
+    stats = {"faiss": {}, "projection": {}, "torch": {}}
     results = {}
 
     def side(name, fn):
@@ -81,21 +88,36 @@ def cpu_sides(args) -> None:
             results[name] = fn()
         return run
 
-    times = best_of({
-        "faiss.knn": side("faiss.knn", lambda: faiss.knn(q, keys, k)),
-        "exact path": side("exact path", lambda: faiss_knn(q, keys, k, stats=stats_faiss)),
-        "torch path": side("torch path", lambda: shortlist_knn(q, keys, k, "cpu", low_dtype="bfloat16",
-                                                               stats=stats_torch)),
-    })
-    (_, plain_ids), (exact_d, exact_ids), (torch_d, torch_ids) = (results[s] for s in times)
+    sides = {"faiss.knn": side("faiss.knn", lambda: faiss.knn(q, keys, k)),
+             "faiss shortlist": side("faiss shortlist", lambda: faiss_knn(q, keys, k, stats=stats["faiss"]))}
+    if lower is not None:
+        sides["subspace bound"] = side("subspace bound", lambda: projection_knn(q, keys, k, lower,
+                                                                                 stats=stats["projection"]))
+    if args.torch:
+        sides["torch path"] = side("torch path", lambda: shortlist_knn(q, keys, k, "cpu", low_dtype="bfloat16",
+                                                                       stats=stats["torch"]))
+    times = best_of(sides)
+    plain_ids, (exact_d, exact_ids) = results["faiss.knn"][1], results["faiss shortlist"]
     same_sets = float((np.sort(plain_ids, 1) == np.sort(exact_ids, 1)).mean())
-    print(f"  faiss.knn (all keys, one call)      : {len(q) / times['faiss.knn']:8.1f} queries/s")
-    print(f"  exact path (faiss + rerank, cpu)    : {len(q) / times['exact path']:8.1f} queries/s   "
-          f"ratio {times['faiss.knn'] / times['exact path']:.2f}x (goal >= 1.0x); queries searched again "
-          f"{stats_faiss['requeried']}; same neighbour sets as faiss.knn: {same_sets:.4%}")
-    print(f"  torch path on this CPU (bf16)       : {len(q) / times['torch path']:8.1f} queries/s   "
-          f"ratio {times['faiss.knn'] / times['torch path']:.2f}x; queries searched again {stats_torch['requeried']}; "
-          f"identical to the exact path: {np.array_equal(torch_ids, exact_ids) and np.array_equal(torch_d, exact_d)}")
+    print(f"  faiss.knn (all keys, one call)         : {len(q) / times['faiss.knn']:8.1f} queries/s")
+    print(f"  exact, faiss shortlist + rerank        : {len(q) / times['faiss shortlist']:8.1f} queries/s   ratio "
+          f"{times['faiss.knn'] / times['faiss shortlist']:.2f}x; queries searched again "
+          f"{stats['faiss']['requeried']}; same neighbour sets as faiss.knn: {same_sets:.4%}")
+    if lower is None:
+        print("  exact, subspace bound                  : not used (the top 64 directions hold under "
+              f"{MIN_SHARE:.0%} of the variance, or d < 128): the stage runs the faiss shortlist")
+    else:
+        pd_, pi = results["subspace bound"]
+        print(f"  exact, subspace bound (the stage's)    : {len(q) / times['subspace bound']:8.1f} queries/s   ratio "
+              f"{times['faiss.knn'] / times['subspace bound']:.2f}x (goal >= 1.0x); queries searched again "
+              f"{stats['projection']['requeried']}; top {lower.dims} directions hold {lower.share:.1%} of the "
+              f"variance; bound fitted once in {fit_s:.1f} s; identical to the faiss shortlist: "
+              f"{np.array_equal(pi, exact_ids) and np.array_equal(pd_, exact_d)}")
+    if args.torch:
+        torch_d, torch_ids = results["torch path"]
+        print(f"  torch path on this CPU (bf16)          : {len(q) / times['torch path']:8.1f} queries/s   ratio "
+              f"{times['faiss.knn'] / times['torch path']:.2f}x; queries searched again {stats['torch']['requeried']}; "
+              f"identical: {np.array_equal(torch_ids, exact_ids) and np.array_equal(torch_d, exact_d)}")
 
 
 def bare_topk(q16, keys16, k: int, key_block: int, query_block: int) -> None:
@@ -145,6 +167,7 @@ def main() -> None:
     parser.add_argument("--queries", type=count, default=2000)
     parser.add_argument("--k", type=count, default=1024)
     parser.add_argument("--threads", type=count, default=2)
+    parser.add_argument("--torch", action="store_true", help="also the GPU code on this CPU in bf16 (for information)")
     parser.add_argument("--gpu-n", type=count, default=1_000_000, help="GPU side: random keys")
     parser.add_argument("--gpu-dim", type=count, default=1600)
     parser.add_argument("--gpu-queries", type=count, default=16384)

@@ -5,7 +5,7 @@ Runs `python -m precompute --config CONFIG --run-dir DIR` in a subprocess, sampl
 file-backed part, i.e. memory-mapped keys / index pages that the kernel can drop), and
 prints the wall time, the peak of each, and every stage's seconds (stages.json) beside the
 peak RSS sampled while it ran (a stage runs from the previous stage's "done" line to its own).
-Goals for `configs/wikitext2.toml` on 2 cores: <= 15 min wall, <= 4 GB peak RSS.
+Goals for `configs/wikitext2.toml` on 2 cores (issue 23, every analysis): <= 45 min wall, <= 6 GB peak RSS.
 
     python bench/preset.py --config configs/wikitext2.toml --run-dir /tmp/wt2 [--fresh]
 """

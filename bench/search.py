@@ -44,7 +44,14 @@ from knnlm_core.config import RunConfig, resolve_path  # noqa: E402
 from knnlm_core.index import add_keys, check_factory, reconstruction_error, sample_rows, search, set_nprobe  # noqa: E402
 from knnlm_core.keystore import open_keys  # noqa: E402
 from knnlm_core.knn import p_knn_from_weights, softmax_weights, target_stats  # noqa: E402
-from precompute.search import KNN_TOP, neighbour_sq_dists, position_metrics, search_rows, top_tokens  # noqa: E402
+from precompute.search import (  # noqa: E402
+    KNN_TOP,
+    neighbour_sq_dists,
+    position_metrics,
+    resident_keys,
+    search_rows,
+    top_tokens,
+)
 
 DEFAULTS = RunConfig()
 
@@ -134,14 +141,14 @@ def synthetic(args: argparse.Namespace, n_queries: int):
     add_keys(index, keys)
     print(f"built {args.factory} on synthetic N={n:,}, d={d}: train {t_train:.1f} s, "
           f"total {time.perf_counter() - t0:.1f} s", flush=True)
-    return keys, values, queries, targets, index, f"synthetic N={n:,} d={d} {args.factory}"
+    return resident_keys(keys), values, queries, targets, index, f"synthetic N={n:,} d={d} {args.factory}"
 
 
 def from_run(run_dir: Path, n_queries: int):
     """The same arrays from a built run (npy memmapped as the stage opens them)."""
     from precompute.runner import load_npy, read_index
 
-    keys = open_keys(run_dir)
+    keys = resident_keys(open_keys(run_dir))  # as the stage holds them: float32 in memory when they fit
     values = np.asarray(load_npy(run_dir / "values.npy", dtype=np.int32))
     queries = load_npy(run_dir / "queries.npy", dtype=np.float16)[:n_queries]
     eval_ids = run_dir / "eval_ids.npy"

@@ -11,7 +11,10 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import faiss
+try:
+    import faiss
+except ImportError:  # a torch-only machine (bench/device_check.py on a lent GPU): the torch codec and search import
+    faiss = None
 import numpy as np
 
 from knnlm_core.factory import (

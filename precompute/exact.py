@@ -76,11 +76,17 @@ def exact_knn(queries: np.ndarray, keys, k: int, device: str = "cpu") -> np.ndar
     return faiss_knn(queries, keys, k, block_bytes=262144 * 4 * keys.shape[1])[1]
 
 
-def exact_knn_with_dists(queries: np.ndarray, keys, k: int, device: str = "cpu",
-                         progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """(squared L2 distances (Q, k) float32 ascending, ids (Q, k) int64) of the exact k nearest keys."""
+def exact_knn_with_dists(queries: np.ndarray, keys, k: int, device: str = "cpu", progress=None,
+                         lower=None) -> tuple[np.ndarray, np.ndarray]:
+    """(squared L2 distances (Q, k) float32 ascending, ids (Q, k) int64) of the exact k nearest keys.
+    On a CPU with `lower` (`precompute.exact_projection.fit_lower_bound` of these resident keys) the
+    shortlist comes from the subspace bound, else from faiss's brute force: the same answer."""
     if device == "cuda":
         return shortlist_knn(queries, keys, k, "cuda", progress=progress)
+    if lower is not None:
+        from precompute.exact_projection import projection_knn
+
+        return projection_knn(queries, keys, k, lower, progress=progress)
     return faiss_knn(queries, keys, k, progress=progress)
 
 
@@ -101,16 +107,25 @@ def pair_sq_dists(x, ix, y, iy):
 
 
 def faiss_pair_sq_dists(x, ix, y, iy):
-    """`pair_sq_dists` by faiss's `pairwise_indexed_L2sqr` (its SIMD fvec_L2sqr): ~5x torch's
-    elementwise ops on a CPU."""
-    import faiss
+    """`pair_sq_dists` of CPU tensors by `pair_sq_dists_np`: ~5x torch's elementwise ops on a CPU."""
     import torch
 
-    x, y, ix, iy = (t.contiguous().numpy() for t in (x, y, ix, iy))
+    x, ix, y, iy = (t.contiguous().numpy() for t in (x, ix, y, iy))
+    return torch.from_numpy(pair_sq_dists_np(x, ix, y, iy))
+
+
+def pair_sq_dists_np(x: np.ndarray, ix: np.ndarray, y: np.ndarray, iy: np.ndarray) -> np.ndarray:
+    """r (P,) float32 = Σ (y[iy_j] − x[ix_j])² of P index pairs by faiss's `pairwise_indexed_L2sqr` (its SIMD
+    fvec_L2sqr, by the difference; OpenMP over the pairs); +inf where an index is negative. x (m, d), y (n, d)
+    C-contiguous float32, ix, iy (P,) int64. The pipeline's one exact-distance routine on a CPU
+    (`precompute.search.neighbour_sq_dists` and the exact search's rerank)."""
+    import faiss
+
+    ix, iy = np.ascontiguousarray(ix, dtype=np.int64), np.ascontiguousarray(iy, dtype=np.int64)
     out = np.empty(len(ix), dtype=np.float32)
     faiss.pairwise_indexed_L2sqr(x.shape[1], len(ix), faiss.swig_ptr(x), faiss.swig_ptr(ix), faiss.swig_ptr(y),
                                  faiss.swig_ptr(iy), faiss.swig_ptr(out))
-    return torch.from_numpy(out)
+    return out
 
 
 def torch_pair_sq_dists(x, ix, y, iy):

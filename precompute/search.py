@@ -13,17 +13,15 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 
-from knnlm_core.index import search
 from knnlm_core.knn import PAD, p_knn_from_weights, softmax_weights, target_stats
 from precompute.runner import RunError, read_index
 
 KNN_TOP = 10  # kNN top predictions stored per position
-CHUNK_BYTES = 2 << 20  # gathered neighbour keys per step of neighbour_sq_dists (measured best at 1.5-3 MB)
+RESIDENT_KEY_BYTES = 2 << 30  # float32 keys held in memory per worker for the exact distances (2.8M keys at d 192)
+RESIDENT_BLOCK = 262144  # keys converted (whitened) at a time into the resident array
 
 
 def open_index(path, dim: int, mmap: bool = False):
@@ -35,34 +33,45 @@ def open_index(path, dim: int, mmap: bool = False):
     return index
 
 
-def neighbour_sq_dists(q: np.ndarray, keys, ids: np.ndarray, chunk: int | None = None) -> np.ndarray:
-    """Exact ||q - k_j||² (Q, m) float32 of each query and its neighbours' stored keys; inf where id < 0.
+def resident_keys(keys, transform=None, budget: int = RESIDENT_KEY_BYTES):
+    """The keys (whitened by `transform`, if any) as one float32 (N, d) array in memory when they fit
+    `budget`, converted (and whitened) once per process instead of once per gathered neighbour;
+    else the store itself (a whitened view of it), read per batch. Whitening a whole block at a
+    time rounds like whitening the gathered rows to within float32 GEMM rounding (tests/test_search.py)."""
+    from knnlm_core.whiten import WhitenedKeys
 
-    Each distinct key row is read and converted once; the difference is summed directly
-    (no ||q||² + ||k||² - 2 q·k cancellation), `chunk` queries at a time, in place on one
-    gathered (chunk, m, d) buffer (index_select + in-place ops: ~6x faster than indexing
-    with a 2-D index and allocating the difference, same bits). The default chunk keeps the
-    buffer near CHUNK_BYTES, in cache: 2.5-4x faster than 256 queries at k = 1024, same bits.
+    n, d = keys.shape
+    if n * d * 4 > budget:
+        return keys if transform is None else WhitenedKeys(keys, transform)
+    out = np.empty((n, d), dtype=np.float32)
+    for a in range(0, n, RESIDENT_BLOCK):
+        rows = keys[a : a + RESIDENT_BLOCK]
+        out[a : a + len(rows)] = rows if transform is None else transform.apply(rows)
+    return out
+
+
+def neighbour_sq_dists(q: np.ndarray, keys, ids: np.ndarray) -> np.ndarray:
+    """Exact ||q - k_j||² (Q, m) float32 of each query and its neighbours' keys; inf where id < 0.
+
+    The one distance routine of the pipeline (the exact search's rerank is the same call,
+    `precompute.exact.pair_sq_dists_np`): faiss's `pairwise_indexed_L2sqr`, a SIMD sum of the
+    squared difference per pair (no ||q||² + ||k||² - 2 q·k cancellation), single pass, no
+    temporary of the differences. Resident float32 keys (`resident_keys`) are read in place;
+    any other store (fp16 memmap, sharded, whitened view) once per distinct row, in row order.
     """
+    from precompute.exact import pair_sq_dists_np
+
     if ids.size == 0:
         return np.zeros(ids.shape, dtype=np.float32)
-    safe = np.where(ids < 0, 0, ids)
-    rows, inverse = np.unique(safe, return_inverse=True)  # sorted rows: a forward read of the key shards
-    nbr_keys = torch.from_numpy(np.ascontiguousarray(keys[rows], dtype=np.float32))  # (u, d)
-    inv = torch.from_numpy(inverse.reshape(-1))
-    qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-    m = ids.shape[1]
-    chunk = chunk or max(1, CHUNK_BYTES // (m * qt.shape[1] * 4))
-    out = torch.empty(ids.shape, dtype=torch.float32)
-    for a in range(0, len(q), chunk):
-        b = min(a + chunk, len(q))
-        diff = torch.index_select(nbr_keys, 0, inv[a * m : b * m]).view(b - a, m, -1)  # (c, m, d)
-        diff.sub_(qt[a:b, None, :])
-        diff.mul_(diff)
-        torch.sum(diff, -1, out=out[a:b])
-    dists = out.numpy()
-    dists[ids < 0] = np.inf
-    return dists
+    ids = np.asarray(ids, dtype=np.int64)
+    if type(keys) is np.ndarray and keys.dtype == np.float32 and keys.flags.c_contiguous:
+        table, rows = keys, ids.reshape(-1)  # -1 (missing) gives +inf in pairwise_indexed_L2sqr
+    else:
+        uniq, inverse = np.unique(np.where(ids < 0, 0, ids), return_inverse=True)  # sorted: a forward read
+        table = np.ascontiguousarray(keys[uniq], dtype=np.float32)  # (u, d)
+        rows = np.where(ids.reshape(-1) < 0, -1, inverse.reshape(-1))
+    pair_query = np.repeat(np.arange(len(q), dtype=np.int64), ids.shape[1])
+    return pair_sq_dists_np(np.ascontiguousarray(q, dtype=np.float32), pair_query, table, rows).reshape(ids.shape)
 
 
 def block_arrays(ids: np.ndarray, values: np.ndarray, dist_pq: np.ndarray, dist_exact: np.ndarray) -> dict:
@@ -73,49 +82,67 @@ def block_arrays(ids: np.ndarray, values: np.ndarray, dist_pq: np.ndarray, dist_
             "dist_exact": np.where(missing, np.inf, dist_exact).astype(np.float32)}
 
 
+def search_into(index, q: np.ndarray, k: int, dists: np.ndarray, ids: np.ndarray) -> None:
+    """`knnlm_core.index.search` written straight into (B, k) slices of a shard's arrays (no copies)."""
+    index.search(q, k, D=dists, I=ids)
+    dists[ids < 0] = np.inf
+
+
 def search_rows(index, keys, values: np.ndarray, queries, lo: int, hi: int, k: int, batch: int,
-                transform=None, progress=None) -> dict[str, np.ndarray]:
+                transform=None, progress=None, searcher=None) -> dict[str, np.ndarray]:
     """The index's k neighbours of queries [lo, hi) (whitened by `transform` first, if any): block arrays.
 
-    The exact distances of batch i are computed in a worker thread while faiss searches batch i + 1.
-    `keys` are in the index's space (a whitened view for a whitened index).
+    `keys` are in the index's space (resident float32 keys, `resident_keys`, or a whitened view).
+    The search and the exact distances run one after the other, each on every core: overlapping
+    them in a second thread put two OpenMP teams on the same cores (measured 0.58x one raw
+    `index.search`; bench/search.py). Each batch is written in place into the shard's arrays.
     """
-    parts, pending = [], None
-
-    def finish(q, dists, ids):
-        return block_arrays(ids, values, dists, neighbour_sq_dists(q, keys, ids))
-
-    with ThreadPoolExecutor(1) as worker:
-        for a in range(lo, hi, batch):
-            b = min(a + batch, hi)
-            q = np.asarray(queries[a:b], dtype=np.float32)  # (B, d)
-            if transform is not None:
-                q = transform.apply(q)
-            dists, ids = search(index, q, k)
-            if pending is not None:
-                parts.append(pending.result())
-            pending = worker.submit(finish, q, dists, ids)
-            if progress:
-                progress(b - a)
-        if pending is not None:
-            parts.append(pending.result())
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    n = hi - lo
+    out = {"ids": np.empty((n, k), np.int64), "values": np.empty((n, k), np.int32),
+           "dist_pq": np.empty((n, k), np.float32), "dist_exact": np.empty((n, k), np.float32)}
+    for a in range(lo, hi, batch):
+        b = min(a + batch, hi)
+        rows = slice(a - lo, b - lo)
+        q = np.asarray(queries[a:b], dtype=np.float32)  # (B, d)
+        if transform is not None:
+            q = transform.apply(q)
+        dists, ids = out["dist_pq"][rows], out["ids"][rows]
+        if searcher is None:
+            search_into(index, q, k, dists, ids)  # missing neighbours: id -1, distance +inf
+        else:
+            dists[:], ids[:] = searcher(q, k)
+        out["dist_exact"][rows] = neighbour_sq_dists(q, keys, ids)  # +inf where id < 0
+        np.take(values, ids, out=out["values"][rows], mode="wrap")  # id -1 reads the last value: reset below
+        missing = ids < 0
+        if missing.any():
+            out["values"][rows][missing] = PAD
+        if progress:
+            progress(b - a)
+    return out
 
 
 def exact_rows(keys, values: np.ndarray, queries, lo: int, hi: int, k: int, device: str,
-               query_block: int = 16384, progress=None) -> dict[str, np.ndarray]:
-    """The exact k nearest keys of queries [lo, hi): block arrays (dist_pq NaN), ranked by the
-    recomputed (cancellation-free) distances, ties in the brute force's order."""
+               query_block: int = 16384, progress=None, lower=None) -> dict[str, np.ndarray]:
+    """The exact k nearest keys of queries [lo, hi): block arrays (dist_pq NaN), ascending by (distance, id).
+
+    On a CPU the certified search's distances are `neighbour_sq_dists`'s own (one routine, computed
+    once); the GPU path sums in torch, so there they are recomputed on the CPU and the rows re-sorted,
+    keeping the distances of every block bit-identical across devices. `lower`: the subspace bound of
+    resident keys (`precompute.exact_projection`), 4,096 queries at a time (its shortlists are 4k wide).
+    """
+    if lower is not None:
+        query_block = min(query_block, 4096)
     from precompute.exact import exact_knn_with_dists
 
     parts = []
     for a in range(lo, hi, query_block):
         b = min(a + query_block, hi)
         q = np.asarray(queries[a:b], dtype=np.float32)
-        _, ids = exact_knn_with_dists(q, keys, k, device)
-        dists = neighbour_sq_dists(q, keys, ids)
-        order = np.argsort(dists, axis=1, kind="stable")
-        ids, dists = np.take_along_axis(ids, order, 1), np.take_along_axis(dists, order, 1)
+        dists, ids = exact_knn_with_dists(q, keys, k, device, lower=lower)
+        if device != "cpu":
+            dists = neighbour_sq_dists(q, keys, ids)
+            order = np.argsort(dists, axis=1, kind="stable")  # ids ascending within a tie already
+            ids, dists = np.take_along_axis(ids, order, 1), np.take_along_axis(dists, order, 1)
         parts.append(block_arrays(ids, values, np.full(ids.shape, np.nan, np.float32), dists))
         if progress:
             progress(b - a)
@@ -149,9 +176,28 @@ def top_tokens(weights: np.ndarray, nbr_values: np.ndarray, top: int) -> tuple[n
     return ids.numpy(), probs.numpy()
 
 
+METRIC_ROWS = 16384  # positions scored at a time: float64 (rows, k) temporaries of ~130 MB, not a shard's ~1 GB each
+
+
+def by_rows(fn, rows: int = METRIC_ROWS):
+    """`fn(block, targets, *args)` applied to `rows` positions at a time, the per-position results concatenated:
+    the same values (every result is per row), a peak memory of one chunk's float64 temporaries."""
+    def apply(block: dict[str, np.ndarray], targets: np.ndarray, *args) -> dict[str, np.ndarray]:
+        parts = [fn({name: a[lo : lo + rows] for name, a in block.items()}, targets[lo : lo + rows], *args)
+                 for lo in range(0, len(targets), rows)] or [fn(block, targets, *args)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return apply
+
+
 def position_metrics(block: dict[str, np.ndarray], targets: np.ndarray, tau: float,
                      source: str) -> dict[str, np.ndarray]:
-    """Per-position kNN results (SPEC §2, §4) from one block shard's rows and their targets."""
+    """Per-position kNN results (SPEC §2, §4) from one block shard's rows and their targets (`by_rows`)."""
+    return by_rows(chunk_metrics)(block, targets, tau, source)
+
+
+def chunk_metrics(block: dict[str, np.ndarray], targets: np.ndarray, tau: float,
+                  source: str) -> dict[str, np.ndarray]:
+    """`position_metrics` of one chunk of rows."""
     vals = block["values"]
     dists = block["dist_exact"] if source == "exact" else block["dist_pq"]
     target_rank, n_target = target_stats(vals, targets)

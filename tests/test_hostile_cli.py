@@ -251,6 +251,9 @@ def cli_cases(tmp: Path, good_cfg: Path, run: Path, broken: Path, f: dict[str, P
         ("bench/index --factory IVF0", ("bench/index.py", "--factory", "IVF0,PQ8"), None),
         ("bench/exact --k 0", ("bench/exact.py", "--k", "0"), None),
         ("bench/search --bogus", ("bench/search.py", "--bogus"), None),
+        ("bench/torch_ivfpq --bogus", ("bench/torch_ivfpq.py", "--bogus"), None),
+        ("bench/device_check --bogus", ("bench/device_check.py", "--bogus"), None),
+        ("bench/plan_check --bogus", ("bench/plan_check.py", "--bogus"), None),
         ("bench/whatif --bogus", ("bench/whatif.py", "--bogus"), None),
         ("bench/preset no --run-dir", ("bench/preset.py",), None),
     ]

@@ -48,16 +48,27 @@ def load(run: Path) -> dict:
     }
 
 
-def brute_p_knn(q, keys, values, y, k, tau, weight=None) -> tuple[np.ndarray, np.ndarray]:
-    """(p_kNN (Q,), nearest distance (Q,)) by a float64 brute force over every key."""
-    d = ((q * q).sum(1)[:, None] - 2 * q @ keys.T + (keys * keys).sum(1)[None, :])
+def brute_top(q, keys, values, k) -> tuple[np.ndarray, np.ndarray]:
+    """(distances (Q, k), neighbour values (Q, k)) of the k nearest keys by a float64 brute force over every key.
+
+    Searched once per query set: the τ grids below re-weight the same neighbours (p_from_top)."""
+    d = ((q * q).sum(1)[:, None] - 2 * q @ keys.T + (keys * keys).sum(1)[None, :])  # (Q, N)
     top = np.argsort(d, axis=1, kind="stable")[:, :k]
-    dk = np.take_along_axis(d, top, 1)
-    vals = values[top]
+    return np.take_along_axis(d, top, 1), values[top]
+
+
+def p_from_top(near, y, tau, weight=None) -> tuple[np.ndarray, np.ndarray]:
+    """(p_kNN (Q,), nearest distance (Q,)) from brute_top's neighbours at temperature tau (optional type weights)."""
+    dk, vals = near
     w = np.exp(-(dk - dk[:, :1]) / tau)
     if weight is not None:
         w = w * weight[vals]
     return (w * (vals == y[:, None])).sum(1) / w.sum(1), dk[:, 0]
+
+
+def brute_p_knn(q, keys, values, y, k, tau, weight=None) -> tuple[np.ndarray, np.ndarray]:
+    """(p_kNN (Q,), nearest distance (Q,)) by a float64 brute force over every key."""
+    return p_from_top(brute_top(q, keys, values, k), y, tau, weight)
 
 
 def ppl(p) -> float:
@@ -117,8 +128,9 @@ def test_whitened_variant_and_its_tau_equal_a_brute_force(flat_run):
     keys_w, k = white(r["keys"]), r["cfg"]["k"]
     # τ: the grid value with the lowest validation kNN-LM PPL at the run's λ
     grid = tau_grid(r["cfg"]["temperature"])
-    vppl = [ppl(r["cfg"]["lambda"] * brute_p_knn(white(r["vq"]), keys_w, r["values"], r["vy"], k, t)[0]
-                + (1 - r["cfg"]["lambda"]) * r["vp_lm"]) for t in grid]
+    near = brute_top(white(r["vq"]), keys_w, r["values"], k)
+    vppl = [ppl(r["cfg"]["lambda"] * p_from_top(near, r["vy"], t)[0] + (1 - r["cfg"]["lambda"]) * r["vp_lm"])
+            for t in grid]
     tau = variant(r["meta"], "zipfian")["tau"]
     assert tau == grid[int(np.argmin(vppl))]
     p, _ = brute_p_knn(white(r["q"]), keys_w, r["values"], r["y"], k, tau)
@@ -133,17 +145,16 @@ def test_idf_tau_and_adaptive_lambda_equal_numpy(flat_run):
     k, tau_run, lam_run = r["cfg"]["k"], r["cfg"]["temperature"], r["cfg"]["lambda"]
     freq = np.bincount(r["values"], minlength=int(max(r["values"].max(), r["y"].max(), r["vy"].max())) + 1)
     idf = np.log1p(len(r["values"]) / np.maximum(freq, 1))
-    p_idf, _ = brute_p_knn(r["q"], r["keys"], r["values"], r["y"], k, tau_run, idf)
+    near, v_near = brute_top(r["q"], r["keys"], r["values"], k), brute_top(r["vq"], r["keys"], r["values"], k)
+    p_idf, _ = p_from_top(near, r["y"], tau_run, idf)
     np.testing.assert_allclose(r["mit"]["p_knn_idf"], p_idf, rtol=1e-4, atol=1e-7)
     tau = variant(r["meta"], "tau")["tau"]
-    vppl = [ppl(lam_run * brute_p_knn(r["vq"], r["keys"], r["values"], r["vy"], k, t)[0] + (1 - lam_run) * r["vp_lm"])
-            for t in tau_grid(tau_run)]
+    vppl = [ppl(lam_run * p_from_top(v_near, r["vy"], t)[0] + (1 - lam_run) * r["vp_lm"]) for t in tau_grid(tau_run)]
     assert tau == tau_grid(tau_run)[int(np.argmin(vppl))]
     assert variant(r["meta"], "tau")["valid_ppl"] <= variant(r["meta"], "plain")["valid_ppl"]  # the run's τ is a candidate
-    np.testing.assert_allclose(r["mit"]["p_knn_tau"],
-                               brute_p_knn(r["q"], r["keys"], r["values"], r["y"], k, tau)[0], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(r["mit"]["p_knn_tau"], p_from_top(near, r["y"], tau)[0], rtol=1e-4, atol=1e-7)
     # adaptive λ by LM entropy: equal-population validation bins, grid minimiser per bin, applied to eval entropy
-    vp_knn, _ = brute_p_knn(r["vq"], r["keys"], r["values"], r["vy"], k, tau_run)
+    vp_knn, _ = p_from_top(v_near, r["vy"], tau_run)
     h_valid, h_eval = np.load(flat_run / "valid_entropy.npy").astype(np.float64), r["mit"]["lm_entropy"]
     n_bins = r["cfg"]["adaptive_bins"]
     edges = np.quantile(h_valid, np.arange(1, n_bins) / n_bins)
@@ -200,6 +211,15 @@ def failed(run: Path) -> set[str]:
     return {name for name, ok, _ in verify_run(run, sample=200, type_sample=20, exact_sample=20) if not ok}
 
 
+@pytest.fixture(scope="module")
+def intact_failed(mitigated_run, tmp_path_factory) -> set[str]:
+    """The checks failing on an intact copy of the mitigated run, verified once for the module: every
+    corruption test below starts from a byte-identical copy, so it used to repeat this same verification."""
+    run = tmp_path_factory.mktemp("intact") / "run"
+    shutil.copytree(mitigated_run, run)
+    return failed(run)
+
+
 @pytest.mark.parametrize("corruption, caught", [
     ("UPDATE mitigation_tokens_data SET p_knn_zipfian = p_knn_zipfian * 1.5 WHERE pos % 7 = 0",
      "mitigation_tokens.p_knn_zipfian = mitigations.npz"),
@@ -214,10 +234,10 @@ def failed(run: Path) -> set[str]:
     ("npz zipfian", "p_knn_zipfian (re-searched over index_zipfian.faiss)"),
     ("npz idf", "p_knn_idf (re-searched, numpy IDF)"),
 ])
-def test_verify_catches_each_corruption(mitigated_run, tmp_path, corruption, caught):
+def test_verify_catches_each_corruption(mitigated_run, intact_failed, tmp_path, corruption, caught):
+    assert caught not in intact_failed  # the check passes on the intact run ...
     run = tmp_path / "run"
     shutil.copytree(mitigated_run, run)
-    assert caught not in failed(run)
     if corruption == "whiten matrix":
         w = dict(np.load(run / "whiten_entries.npz"))
         w["matrix"] = w["matrix"] * 1.01
@@ -240,7 +260,7 @@ def test_verify_catches_each_corruption(mitigated_run, tmp_path, corruption, cau
         con = duckdb.connect(str(run / "metrics.duckdb"))
         con.execute(corruption)
         con.close()
-    assert caught in failed(run)
+    assert caught in failed(run)  # ... and fails on the corrupted copy
 
 
 

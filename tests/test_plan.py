@@ -20,6 +20,7 @@ from conftest import MITIGATIONS, TINY_RUN_CONFIG, write_toml
 
 from knnlm_core.config import RunConfig, load_config
 from knnlm_core.windows import plan_windows
+from precompute.cli import UsageError
 from precompute.plan import (
     KNOWN_MODELS,
     Machine,
@@ -31,7 +32,24 @@ from precompute.plan import (
     run_facts,
     stage_seconds,
 )
-from precompute.plan.__main__ import read_rates
+from precompute.plan.__main__ import main as plan_main
+from precompute.plan.__main__ import read_rates, read_rates_files
+from precompute.plan.calibrate import (
+    BUILT_IN,
+    GPU_RATES,
+    FinishedRun,
+    built_in_sources,
+    calibration_config,
+    fit_to_runs,
+    informative,
+    is_duration,
+    parse_rates,
+    plan_of,
+    rates_json,
+    read_run,
+    run_shares,
+    timed_rates,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = REPO / "configs/gpt2-xl-wikitext103.toml"
@@ -225,3 +243,134 @@ def test_cli_bad_input_is_one_line_exit_2():
     out = plan_cli("--config", "nope.toml")
     assert out.returncode == 2 and out.stderr.startswith("error: config file not found")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- rates: sources, files, the fit to finished runs
+
+def scaled_run(run: FinishedRun, factor: float) -> FinishedRun:
+    """`run` with stage seconds made by hand: `factor` x its plan at the built-in rates (a machine `factor` x
+    slower)."""
+    return replace(run, seconds={s: factor * t for s, t in plan_of(run, Rates()).items()}, train_seconds=0.0)
+
+
+def test_read_run_counts_its_files(mitigated_run):
+    run = read_run(mitigated_run)
+    assert run.facts.n == len(np.load(mitigated_run / "values.npy"))
+    assert run.facts.t == len(np.load(mitigated_run / "eval_ids.npy")) - 1
+    assert run.facts.t_valid == len(np.load(mitigated_run / "valid_ids.npy")) - 1 == 499
+    stages = json.loads((mitigated_run / "stages.json").read_text())
+    assert run.seconds == {k: v["seconds"] for k, v in stages.items()} and "exact" in run.seconds
+    assert run.machine == Machine(0, 2, 1, "local")
+
+
+def test_fit_recovers_a_uniformly_slower_machine(mitigated_run):
+    """Stage seconds 2x the built-in plan: every rate a stage depends on ends at half the built-in throughput
+    (twice the duration); the GPU rates, which no stage of a CPU run depends on, stay built-in and assumed."""
+    run = scaled_run(read_run(mitigated_run), 2.0)
+    fitted, sources = fit_to_runs(Rates(), built_in_sources(), [run])
+    used = {n for s, parts in run_shares(run, Rates()).items() if informative(run, s) for n in parts}
+    assert {"cpu_flops", "visits", "exact_flops", "query_s", "score_elems"} <= used
+    for name in used:
+        want = getattr(Rates(), name) * (2.0 if is_duration(name) else 0.5)
+        assert getattr(fitted, name) == pytest.approx(want, rel=1e-3), name
+        assert sources[name].startswith("measured: fitted to the ") and "x" in sources[name]
+    for name in GPU_RATES:
+        assert getattr(fitted, name) == getattr(Rates(), name) and sources[name] == BUILT_IN
+    plan = plan_of(run, fitted)
+    assert all(plan[s] == pytest.approx(run.seconds[s], rel=1e-3) for s in plan if informative(run, s))
+
+
+def test_fit_combines_runs_by_seconds_weighted_geometric_mean(mitigated_run):
+    """Two runs of one config measured 2x and 4x the plan: their weights are 1 : 2 (share x measured seconds),
+    so the rates move by 2 ** ((1 x 1 + 2 x 2) / 3) = 2 ** (5 / 3)."""
+    base = read_run(mitigated_run)
+    runs = [replace(scaled_run(base, 2.0), name="a"), replace(scaled_run(base, 4.0), name="b")]
+    fitted, sources = fit_to_runs(Rates(), built_in_sources(), runs)
+    factor = 2 ** (5 / 3)
+    assert fitted.cpu_flops == pytest.approx(Rates().cpu_flops / factor, rel=1e-3)
+    assert fitted.query_s == pytest.approx(Rates().query_s * factor, rel=1e-3)
+    assert "runs a, b" in sources["cpu_flops"]
+    # an edited stage time moves only the rates that stage depends on
+    edited = [replace(base, seconds={**scaled_run(base, 1.0).seconds, "suffix": 10 * plan_of(base, Rates())["suffix"]})]
+    moved, _ = fit_to_runs(Rates(), built_in_sources(), edited)
+    assert moved.sa_tokens < Rates().sa_tokens / 2 and moved.cpu_flops == pytest.approx(Rates().cpu_flops, rel=1e-3)
+
+
+def test_fit_takes_the_training_rate_from_the_index_stages_own_seconds(mitigated_run):
+    """k-means timed alone (the index stage's index_train_seconds) gives the rate of its larger part directly:
+    FLOP counted by hand for the tiny run (IVF8,PQ8x4, d 64, 25 iterations: coarse 8 centroids on at most
+    256 x 8 keys, PQ 256 per sub-space on its 5,999 keys), the coarse part at the built-in rate, 2 driver
+    cores; the fit leaves it there while it moves the rest."""
+    run = replace(scaled_run(read_run(mitigated_run), 3.0), train_seconds=0.5)
+    n, d = run.facts.n, 64
+    coarse, pq = 2 * 25 * d * 2048 * 8, 2 * 25 * d * n * 256
+    fitted, sources = fit_to_runs(Rates(), built_in_sources(), [run])
+    assert fitted.pq_train_flops == pytest.approx(pq / (0.5 - coarse / Rates().train_flops / 2) / 2, rel=1e-9)
+    assert fitted.train_flops == Rates().train_flops and sources["train_flops"] == BUILT_IN
+    assert sources["pq_train_flops"].startswith("measured: the index stage's k-means seconds")
+    assert fitted.cpu_flops == pytest.approx(Rates().cpu_flops / 3, rel=1e-3)
+
+
+def test_calibration_code_path_builds_rates(mitigated_run):
+    """What --calibrate does after its build, on a built run: timed calls, then the fit; every rate a
+    finite positive number and the run's plan matched where the plan has a rate to move."""
+    run = read_run(mitigated_run)
+    timed, sources = timed_rates(mitigated_run, run, log=print)
+    assert {n for n, s in sources.items() if s.startswith("measured")} >= {"flat_flops", "types_bytes", "visits",
+                                                                          "train_flops"}
+    rates, sources = fit_to_runs(timed, sources, [run], "the calibration run")
+    assert all(np.isfinite(v) and v > 0 for v in vars(rates).values())
+    parsed, again = parse_rates(json.loads(rates_json(rates, sources)), Rates(), built_in_sources(), "x")
+    assert parsed == rates and again == sources
+    cfg = calibration_config("configs/ci-tiny.toml")
+    planned = {w.stage for w in estimate(cfg, plan_facts(cfg, 199_999, 9_999), rates, LOCAL_2, exact_runs=True)}
+    assert planned == PIPELINE_STAGES
+
+
+def test_rates_files_merge_in_order_and_keep_sources(tmp_path):
+    cpu, gpu = tmp_path / "cpu.json", tmp_path / "gpu.json"
+    cpu.write_text(rates_json(replace(Rates(), visits=3e6), {**built_in_sources(), "visits": "measured: timed"}))
+    gpu.write_text(json.dumps({"gpu_flops": 2e14, "source": {"gpu_flops": "measured: device check"}}))
+    rates, sources = read_rates_files([cpu, gpu])
+    assert (rates.visits, rates.gpu_flops, rates.cpu_flops) == (3e6, 2e14, Rates().cpu_flops)
+    assert (sources["visits"], sources["gpu_flops"], sources["cpu_flops"]) == ("measured: timed",
+                                                                             "measured: device check", BUILT_IN)
+    (tmp_path / "bare.json").write_text(json.dumps({"gpu_exact_flops": 1e13}))  # no source: named after the file
+    assert read_rates_files([tmp_path / "bare.json"])[1]["gpu_exact_flops"] == f"measured: read from {tmp_path}/bare.json"
+
+
+@pytest.mark.parametrize("content", ['{"visits": -1}', '{"visits": "fast"}', '{"speed": 1.0}', '[1, 2]',
+                                     '{"visits": 1e6, "source": {"visits": 3}}', "{not json"])
+def test_a_bad_rates_file_is_refused_in_one_line(tmp_path, content):
+    path = tmp_path / "rates.json"
+    path.write_text(content)
+    with pytest.raises(UsageError) as err:
+        read_rates_files([path])
+    assert len(str(err.value).splitlines()) == 1 and "rerun --calibrate" in str(err.value)
+
+
+def test_cli_says_which_rates_are_measured(tmp_path, tiny_model, mitigated_run, capsys):
+    """Each stage row says whether its rates are measured; --rates-from-run writes rates that make them so.
+    (In process, sizes given: main() is the command line without a fresh interpreter or a tokenizer.)"""
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = plan_main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    cfg = write_toml(tmp_path / "tiny.toml", {"model": str(tiny_model), **TINY_RUN_CONFIG})
+    sizes = ("--config", str(cfg), "--entries", "5999", "--eval-positions", "499", "--cpus", "2", "--executor", "local")
+    code, assumed, err = cli(*sizes)
+    assert code == 0, err
+    stage_rows = [line for line in assumed.splitlines() if "[rates: " in line]
+    assert len(stage_rows) == len(PIPELINE_STAGES - {"valid_lm", "whiten", "mitigate"})
+    assert all("[rates: assumed]" in r for r in stage_rows)
+    assert "rates: 0 of the" in assumed and "none: the built-in H100-host rates" in assumed
+    out = tmp_path / "fitted.json"
+    code, _, err = cli("--rates-from-run", str(mitigated_run), "--out", str(out))
+    assert code == 0, err
+    assert json.loads(out.read_text())["source"]["cpu_flops"].startswith("measured: fitted to the datastore")
+    code, measured, err = cli(*sizes, "--rates", str(out))
+    rows = {line[:30].strip(): line for line in measured.splitlines()}
+    assert code == 0 and "[rates: measured]" in rows["datastore"] and "[rates: measured]" in rows["search"]
+    code, _, err = cli("--rates-from-run", str(tmp_path))  # no stages.json there
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "stages.json" in err

@@ -18,7 +18,14 @@ from test_knn import LN2, random_case, ref_p_knn
 from knnlm_core.keystore import ShardedKeys
 from knnlm_core.knn import PAD, p_knn_of, softmax_weights, target_stats
 from knnlm_core.whiten import fit as fit_whitening
-from precompute.search import exact_rows, neighbour_sq_dists, position_metrics, search_rows, top_tokens
+from precompute.search import (
+    exact_rows,
+    neighbour_sq_dists,
+    position_metrics,
+    resident_keys,
+    search_rows,
+    top_tokens,
+)
 
 D = 16
 
@@ -40,7 +47,7 @@ def test_neighbour_sq_dists_equal_direct_sum(data):
     keys, _, queries, _, _ = data
     ids = np.random.default_rng(1).integers(-1, len(keys), (50, 7))
     sharded = ShardedKeys([keys[:1000], keys[1000:2200], keys[2200:]])  # either key layout
-    got = neighbour_sq_dists(queries[:50].astype(np.float32), sharded, ids, chunk=16)
+    got = neighbour_sq_dists(queries[:50].astype(np.float32), sharded, ids)
     want = ((queries[:50, None, :].astype(np.float64) - keys[np.maximum(ids, 0)].astype(np.float64)) ** 2).sum(-1)
     want[ids < 0] = np.inf
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -188,3 +195,69 @@ def test_neighbour_sq_dists_many_queries_in_steps():
     d = ((q.astype(np.float64)[:, None, :] - big[None, :, :]) ** 2).sum(axis=2)  # (3, 40)
     expected = np.where(ids < 0, np.inf, np.take_along_axis(d, np.maximum(ids, 0), axis=1))
     np.testing.assert_allclose(out, expected, rtol=1e-5)
+
+
+def test_resident_keys_whitened_once_equal_whitening_each_gathered_row(data):
+    """Keys whitened once as a block (resident_keys) vs each gathered row whitened on its own: the same
+    float32 GEMM of the same rows in other groupings, so distances agree to float32 GEMM rounding
+    (rtol 1e-5); the resident path reads rows in place, the view path converts each distinct row."""
+    keys, values, queries, _, _ = data
+    w = fit_whitening("entries", keys, values, 1e-6)
+    resident = resident_keys(keys, w)
+    view = resident_keys(keys, w, budget=0)  # over budget: the whitened view, rows whitened as read
+    assert isinstance(resident, np.ndarray) and not isinstance(view, np.ndarray)
+    q = w.apply(queries[:40])
+    ids = np.random.default_rng(3).integers(-1, len(keys), (40, 64))
+    a, b = neighbour_sq_dists(q, resident, ids), neighbour_sq_dists(q, view, ids)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    want = ((q[:, None, :].astype(np.float64) - w.apply(keys, dtype=np.float64)[np.maximum(ids, 0)]) ** 2).sum(-1)
+    np.testing.assert_allclose(a[ids >= 0], want[ids >= 0], rtol=1e-4)
+    assert np.isinf(a[ids < 0]).all() and np.isinf(b[ids < 0]).all()
+    bad = resident.copy()
+    bad[ids[0, 0]] += 1.0  # a key whitened wrongly is seen
+    assert not np.allclose(neighbour_sq_dists(q, bad, ids), b, rtol=1e-5)
+
+
+def test_exact_rows_distances_are_the_search_routine(data):
+    """The exact search's distances are `neighbour_sq_dists` of its own ids, bit for bit (one routine,
+    computed once), ascending by (distance, id)."""
+    keys, values, queries, _, _ = data
+    k32 = resident_keys(keys)
+    got = exact_rows(k32, values, queries, 0, 60, 40, "cpu", query_block=32)
+    q = queries[:60].astype(np.float32)
+    np.testing.assert_array_equal(got["dist_exact"], neighbour_sq_dists(q, k32, got["ids"]))
+    d, i = got["dist_exact"], got["ids"]
+    assert ((d[:, 1:] > d[:, :-1]) | ((d[:, 1:] == d[:, :-1]) & (i[:, 1:] > i[:, :-1]))).all()
+
+
+def test_search_rows_with_the_torch_ivfpq_searcher_equal_faiss(data):
+    """The GPU path's search (precompute.torch_ivfpq, here on CPU torch: its CI twin) plugged into the search
+    loop gives faiss's block: same ids but for near-ties, distances within float32 rounding, exact distances
+    of the same neighbours bit for bit."""
+    from precompute.torch_ivfpq import TorchIVFPQ
+
+    keys, values, queries, _, _ = data
+    index = faiss.index_factory(24, "IVF8,PQ6")
+    index.train(keys.astype(np.float32))
+    index.add(keys.astype(np.float32))
+    faiss.extract_index_ivf(index).nprobe = 3
+    tindex = TorchIVFPQ.from_faiss(index, "cpu")
+    want = search_rows(index, keys, values, queries, 0, 120, 40, 50)
+    got = search_rows(index, keys, values, queries, 0, 120, 40, 50, searcher=lambda q, k: tindex.search(q, k, 3))
+    same = (got["ids"] == want["ids"]).mean()
+    assert same > 0.98, same
+    np.testing.assert_allclose(got["dist_pq"], want["dist_pq"], rtol=1e-5, atol=1e-5)
+    rows = (got["ids"] == want["ids"]).all(1)
+    for name in ("values", "dist_exact"):
+        np.testing.assert_array_equal(got[name][rows], want[name][rows])
+    bad = search_rows(index, keys, values, queries, 0, 120, 40, 50, searcher=lambda q, k: tindex.search(q, k, 1))
+    assert (bad["ids"] != want["ids"]).mean() > 0.05  # a searcher that probes other lists is seen
+
+
+def test_search_map_runs_on_the_gpu_pool_on_cuda():
+    from types import SimpleNamespace
+
+    from precompute.stages.search import search_kind
+
+    assert search_kind(SimpleNamespace(info={"device": "cuda"})) == "gpu"
+    assert search_kind(SimpleNamespace(info={"device": "cpu"})) == "cpu"

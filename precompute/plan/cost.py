@@ -47,14 +47,17 @@ class Rates:
     # sa_encode's PQ part (assign + decode + error) FLOP/s per core; its coarse assignment is a flat search
     # (flat_flops). From 18.7k keys/s at d 1600, IVF1024,PQ64 on 16 cores, less the coarse part.
     encode_flops: float = 1.2e9
-    train_flops: float = 2.0e10  # k-means FLOP/s per driver core (BLAS; 2-core machine here: ~7e10)
+    train_flops: float = 2.0e10  # coarse (IVF) k-means FLOP/s per driver core (BLAS; 2-core machine here: ~7e10)
+    # PQ codebook k-means FLOP/s per driver core: m k-means over d / m-dim sub-vectors (3-d for PQ64 at d 192),
+    # small GEMMs far below the coarse rate on such shapes (assumed equal to it by default)
+    pq_train_flops: float = 2.0e10
     visits: float = 1.8e6  # IVF code visits/s per core (775 q/s, 31k visits/q, 16 cores, minus the fixed part)
     query_s: float = 2.5e-3  # fixed seconds per query per core (quantizer heap, heap of k, p_kNN of the block)
     flat_flops: float = 2.0e10  # flat search (a GEMM) FLOP/s per core: coarse assignment, contamination, whitening
     exact_flops: float = 2.0e10  # the exact stage's CPU brute force (faiss flat shortlist) FLOP/s per core
     exact_query_s: float = 5.0e-3  # its fixed seconds per query per core (shortlist heap, rerank, certificate)
     types_bytes: float = 2.0e8  # key bytes/s per core of a pass over keys (per-type sums, whitening fits)
-    gather_bytes: float = 2.0e8  # neighbour key bytes/s per core gathered for exact distances (random rows)
+    gather_bytes: float = 4.0e8  # neighbour key bytes/s per core gathered for exact distances (random float32 rows)
     score_elems: float = 4.0e7  # mitigate: neighbour scores (an exp and a sum) per second per worker (numpy)
     read_bytes: float = 2.0e9  # key bytes/s a node reads from storage (a big run's keys exceed the page cache)
     sa_tokens: float = 2.0e6  # suffix-array build: datastore tokens/s (divsufsort, one thread; 2.5e6 at 2.45M here)
@@ -142,11 +145,23 @@ def ivf(cfg: RunConfig) -> tuple[int, int]:
     return nlist, code
 
 
-def train_flop(cfg: RunConfig, f: Facts) -> float:
-    """k-means FLOP of training the index once (coarse centroids + 256 PQ centroids per sub-space)."""
+def train_parts(cfg: RunConfig, f: Facts) -> tuple[float, float]:
+    """(coarse, PQ) k-means FLOP of training the index once: nlist centroids, then 256 per PQ sub-space."""
     nlist, _ = ivf(cfg)
     n_train = min(cfg.train_size or f.n, f.n)
-    return 2 * KMEANS_ITERS * f.shape.d * (min(n_train, MAX_PER_CENTROID * nlist) * nlist + min(n_train, 65536) * 256)
+    coarse = 2 * KMEANS_ITERS * f.shape.d * min(n_train, MAX_PER_CENTROID * nlist) * nlist if nlist > 1 else 0.0
+    return coarse, 2 * KMEANS_ITERS * f.shape.d * min(n_train, 65536) * 256
+
+
+def train_flop(cfg: RunConfig, f: Facts) -> float:
+    """k-means FLOP of training the index once (coarse centroids + 256 PQ centroids per sub-space)."""
+    return sum(train_parts(cfg, f))
+
+
+def train_seconds(cfg: RunConfig, f: Facts, rates: Rates, cores: int) -> float:
+    """Seconds of the index's k-means on `cores` driver cores: coarse at train_flops, PQ at pq_train_flops."""
+    coarse, pq = train_parts(cfg, f)
+    return (coarse / rates.train_flops + pq / rates.pq_train_flops) / cores
 
 
 class Model:
@@ -209,7 +224,7 @@ class Model:
         if self.faiss_gpu:
             train_s, trainer = train / r.gpu_encode_flops, "1 GPU (faiss-gpu)"
         else:
-            train_s, trainer = train / (p.driver * r.train_flops), f"driver ({p.driver} cores)"
+            train_s, trainer = train_seconds(cfg, f, r, p.driver), f"driver ({p.driver} cores)"
         if p.gpus and self.nlist > 1 and "PQ" in cfg.index_factory:
             per_key = (2 * d * (self.nlist + 256) + extra) / r.gpu_encode_flops
             mine = busiest(f.n, self.shard, p.gpus)

@@ -194,20 +194,21 @@ def whiten_work(m: Model) -> list[StageWork]:
 
 def search_work(m: Model) -> list[StageWork]:
     """Per block: the index's k neighbours of every query (quantizer, IVF scan: CPU workers, or GPU workers
-    with faiss-gpu) with their exact distances recomputed on the CPU from the stored keys (k rows gathered
-    per query; whitened on the fly for a whitened index), overlapped with the next batch's search."""
+    with faiss-gpu) with their exact distances recomputed on the CPU from the keys held as float32 (k rows of
+    4 d bytes gathered per query; a whitened index's keys whitened once per worker, its queries per batch)."""
     cfg, f, r, d, k, p = m.cfg, m.f, m.r, m.d, m.cfg.k, m.p
     queries = {"eval": f.t, "valid": f.t_valid}
     rows = []
     for split, index_name in search_blocks(cfg):
         q = queries[split]
         whitened = index_name != "plain"
-        extra = (2 * d * d + 2 * k * d * d) if whitened else 0  # the query and its k neighbours' keys whitened
-        dists_s = k * 2 * d / r.gather_bytes + extra / r.flat_flops  # core-seconds per query, CPU side
+        extra = 2 * d * d if whitened else 0  # the query whitened
+        dists_s = k * 4 * d / r.gather_bytes + extra / r.flat_flops  # core-seconds per query, CPU side
+        resident_s = f.n * 2 * d * d / r.flat_flops / p.cores if whitened and split == "eval" else 0.0
         scan_s = r.query_s + m.visits / r.visits + 2 * d * (m.nlist + 256) / r.flat_flops
-        gathered = q * k * 2 * d  # neighbour key rows read for the exact distances
+        gathered = q * k * 4 * d  # neighbour key rows read for the exact distances
         flop = q * (2 * d * (m.nlist + 256) + m.visits * m.code + 3 * k * d + extra)
-        mem = f.n * (m.code + 12) + cfg.search_batch * k * (12 + 4 * d) + (d * d * 4 if whitened else 0)
+        mem = f.n * (m.code + 12 + 4 * d) + cfg.search_batch * k * 24 + (d * d * 4 if whitened else 0)
         if m.faiss_gpu:
             mine = busiest(q, m.shard, p.gpus)
             gpu_s = m.visits / r.gpu_visits + 2 * d * (m.nlist + 256) / r.gpu_encode_flops
@@ -217,7 +218,7 @@ def search_work(m: Model) -> list[StageWork]:
             seconds, where = m.cpu_map(q, scan_s + dists_s, gathered), m.cpu_where
         rows.append(StageWork("search", f"{split} x {index_name}", "queries", q, flop,
                               q * m.visits * (m.code + 8) + gathered, q * k * BLOCK_BYTES_PER_NEIGHBOUR, mem,
-                              seconds, where))
+                              seconds + resident_s, where))
     return rows
 
 
@@ -241,21 +242,30 @@ def types_work(m: Model) -> list[StageWork]:
 
 def exact_work(m: Model) -> list[StageWork]:
     """Exact top-k of every evaluation query over every key (SPEC §8), mapped over query shards: GPU workers
-    (matmul + top-k) when there are GPUs, else CPU workers (faiss flat). Each query shard streams every key
-    once per EXACT_QUERY_BLOCK queries; the index's neighbours are read from the (eval, plain) block. Always
-    costed; `runs` says whether the run has it."""
+    (matmul + top-k) when there are GPUs, else CPU workers: faiss's brute force over the keys' subspace
+    bound (`precompute.exact_projection`: DIMS + 1 columns instead of d, a shortlist of SHORTLIST k keys
+    reranked) when the float32 keys fit a worker's memory and d >= 2 DIMS, else over the keys themselves.
+    The index's neighbours are read from the (eval, plain) block. Always costed; `runs` says whether the run
+    has it."""
+    from precompute.exact_projection import DIMS, SHORTLIST
+    from precompute.search import RESIDENT_KEY_BYTES
+
     f, r, d, k = m.f, m.r, m.d, m.cfg.k
-    flop = 2 * f.t * f.n * d + 3 * f.t * k * d  # brute force + the rerank's exact distances
+    projected = f.n * d * 4 <= RESIDENT_KEY_BYTES and d >= 2 * DIMS
+    cols = DIMS + 1 if projected else d
+    shortlist = SHORTLIST * k if projected else k + k // 8 + 32
+    flop = 2 * f.t * f.n * cols + 3 * f.t * shortlist * d  # brute force + the rerank's exact distances
     passes = math.ceil(min(f.t, m.shard) / EXACT_QUERY_BLOCK)  # passes over every key per query shard
-    rerank = k * 2 * d / r.gather_bytes  # core-seconds per query: exact distances of the k found, on the CPU
+    rerank = shortlist * 4 * d / r.gather_bytes  # core-seconds per query: exact distances of the shortlist
     if m.p.gpus:
         workers, where = m.p.gpus, f"{m.p.gpus} GPU worker(s)"
-        per_query = 2 * f.n * d / r.gpu_exact_flops + rerank / m.p.cores
+        per_query = 2 * f.n * d / r.gpu_exact_flops + k * 4 * d / r.gather_bytes / m.p.cores
         mem = GPU_KEY_BLOCK * d * 4 + 4096 * GPU_KEY_BLOCK * 4  # GPU memory: a key block and its distances
     else:
-        workers, where = m.p.cpu_workers, m.cpu_where
-        per_query = (2 * f.n * d / r.exact_flops + r.exact_query_s + rerank) / m.p.cores
-        mem = min(m.keys_bytes * 2, 2 << 30) + EXACT_QUERY_BLOCK * k * 12
+        workers = m.p.cpu_workers
+        where = m.cpu_where + (f" (subspace bound, {DIMS} of {d} dimensions)" if projected else "")
+        per_query = (2 * f.n * cols / r.exact_flops + r.exact_query_s + rerank) / m.p.cores
+        mem = (f.n * (4 * d + 4 * cols) if projected else min(m.keys_bytes * 2, 2 << 30)) + 4096 * shortlist * 40
     shards = math.ceil(f.t / m.shard)
     compute = busiest(f.t, m.shard, workers) * per_query
     key_reads = shards * passes * m.keys_bytes + f.t * k * 2 * d  # every key per pass, the rerank's rows

@@ -16,11 +16,10 @@ from tqdm import tqdm
 
 from knnlm_core import neighbours
 from knnlm_core.knn import p_knn_from_weights, recall_at, softmax_weights, target_stats
-from knnlm_core.metrics import EXACT_BLOCK_BYTES
 from knnlm_core.store import RECALL_KS
 from precompute.executor import Progress, ShardJob, executor_of
 from precompute.runner import Run, concat_shards, save_npz, shard_ranges, stage_shards
-from precompute.search import exact_rows
+from precompute.search import by_rows, exact_rows, resident_keys
 
 BLOCK = f"{neighbours.ROOT}/eval-exact"
 COMPARE = "exact.shards"
@@ -47,16 +46,20 @@ def compare(ivf: dict[str, np.ndarray], exact: dict[str, np.ndarray], targets: n
     return out
 
 
-def resident_keys(keys):
-    """The keys as one float32 array when they fit one exact-search block (converted once per process,
-    not once per block of queries), else the fp16 store itself (streamed per pass)."""
-    n, d = keys.shape
-    if n * d * 4 > EXACT_BLOCK_BYTES:
-        return keys
-    out = np.empty((n, d), dtype=np.float32)
-    for a in range(0, n, 262144):
-        out[a : a + 262144] = keys[a : a + 262144]
-    return out
+def exact_inputs(run: Run) -> tuple:
+    """(keys, lower bound) of the exact searches (this stage, and the types stage's contamination), held once
+    per process: on a CPU the keys as float32 in memory when they fit (`resident_keys`) with their subspace
+    bound (`precompute.exact_projection`; None where it would not pay), on a GPU the store itself."""
+    def make():
+        device = run.info["device"]
+        keys = run.keys() if device == "cuda" else resident_keys(run.keys())
+        if device == "cuda" or not isinstance(keys, np.ndarray):
+            return keys, None
+        from precompute.exact_projection import fit_lower_bound
+
+        return keys, fit_lower_bound(keys)
+
+    return run.cached(("exact inputs",), make)
 
 
 def exact_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None) -> int:
@@ -69,12 +72,19 @@ def exact_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None)
     if neighbours.shard_done(tag.folder, i, lo, hi, cfg.k) and shards.done(i):
         return hi - lo
     device = run.info["device"]
-    keys = run.cached(("exact keys",), lambda: run.keys() if device == "cuda" else resident_keys(run.keys()))
-    exact = exact_rows(keys, run.cached(("values",), run.values), queries, lo, hi, cfg.k, device, progress=progress)
+    keys, lower = exact_inputs(run)
+    exact = exact_rows(keys, run.cached(("values",), run.values), queries, lo, hi, cfg.k, device, progress=progress,
+                       lower=lower)
     neighbours.write_shard(tag.folder, i, lo, **exact)
     ivf = neighbours.open_block(run.path(f"{neighbours.ROOT}/eval-plain"))
     ivf_rows = {name: ivf.rows(name, lo, hi) for name in neighbours.COLUMNS}
-    shards.save(i, **compare(ivf_rows, exact, targets[lo:hi], cfg.k, cfg.temperature))
+    both = {**{("ivf", n): a for n, a in ivf_rows.items()}, **{("exact", n): a for n, a in exact.items()}}
+
+    def compare_rows(rows: dict, t: np.ndarray) -> dict[str, np.ndarray]:
+        return compare({n: rows[("ivf", n)] for n in ivf_rows}, {n: rows[("exact", n)] for n in exact}, t, cfg.k,
+                       cfg.temperature)
+
+    shards.save(i, **by_rows(compare_rows)(both, targets[lo:hi]))  # float64 temporaries a chunk at a time
     return hi - lo
 
 

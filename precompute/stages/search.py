@@ -11,6 +11,8 @@ listings and `search.npz`. No later stage searches an index again.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from tqdm import tqdm
 
@@ -19,10 +21,11 @@ from knnlm_core.index import reconstruction_error, set_nprobe
 from precompute import runner
 from precompute.executor import Progress, ShardJob, executor_of
 from precompute.runner import Run, artifact_problem, concat_shards, save_npz, shard_ranges, stage_shards
-from precompute.search import open_index, position_metrics, search_rows
+from precompute.search import open_index, position_metrics, resident_keys, search_rows
 from precompute.stages import search_blocks
 
-METRICS = "search.shards"  # per-position results of (eval, plain), one npz per shard
+METRICS = "search.shards"
+TORCH_SEARCH_DEVICES = ("cuda",)  # devices whose workers run the IVFPQ search on the GPU (tests add "cpu")  # per-position results of (eval, plain), one npz per shard
 
 
 def blocks(run: Run) -> list[tuple[str, str]]:
@@ -31,17 +34,53 @@ def blocks(run: Run) -> list[tuple[str, str]]:
 
 
 def index_inputs(run: Run, index_name: str, mmap: bool) -> dict:
-    """The index (nprobe set), the keys in its space, the query transform and the values."""
-    keys = run.keys()
+    """The index (nprobe set), the keys in its space (float32 in memory when they fit, whitened once:
+    `resident_keys`), the query transform and the values."""
     transform = None
     if index_name == "plain":
         index = open_index(run.path("index.faiss"), run.info["dim"], mmap)
     else:
         transform = whiten.Whitening.load(run.path(f"whiten_{index_name}.npz"))
         index = open_index(run.path(f"index_{index_name}.faiss"), run.info["dim"], mmap)
-        keys = whiten.WhitenedKeys(keys, transform)
     set_nprobe(index, run.cfg.nprobe)
-    return {"index": index, "keys": keys, "transform": transform, "values": run.values()}
+    searcher = gpu_searcher(run, index, transform) if run.info["device"] in TORCH_SEARCH_DEVICES else None
+    return {"index": index, "keys": resident_keys(run.keys(), transform), "transform": transform,
+            "values": run.values(), "searcher": searcher}
+
+
+def gpu_searcher(run: Run, index, transform):
+    """The IVFPQ search on the run's GPU: faiss-gpu where installed (k <= 2048), else the torch search over the
+    index's own lists and codes (`precompute.torch_ivfpq`), first checked against faiss on the CPU on 256
+    evaluation queries (a RunError naming the difference otherwise); None (faiss on the CPU) for an index
+    the torch search does not cover."""
+    import faiss
+
+    from precompute.torch_ivfpq import TorchIVFPQ, TorchIVFPQError, check_against_faiss, faiss_gpu_search, to_faiss_gpu
+
+    device, k, nprobe = run.info["device"], run.cfg.k, run.cfg.nprobe
+    if device == "cuda" and faiss.get_num_gpus() > 0 and k <= 2048:
+        on_gpu = to_faiss_gpu(index)
+        return lambda q, kk: faiss_gpu_search(on_gpu, q, kk)
+    try:
+        tindex = TorchIVFPQ.from_faiss(index, device)
+    except TorchIVFPQError as err:
+        print(f"[search] faiss on the CPU: {err}", file=sys.stderr)
+        return None
+    sample = np.asarray(run.split("eval")[0][:256], dtype=np.float32)
+    try:
+        check_against_faiss(index, tindex, sample if transform is None else transform.apply(sample), k, nprobe)
+    except TorchIVFPQError as err:
+        raise runner.RunError(str(err)) from None
+    return lambda q, kk: tindex.search(q, kk, nprobe)
+
+
+def current_index(run: Run, key: str, index_name: str) -> dict:
+    """`index_inputs` of this index, held once per process: the previous index's inputs (its resident
+    keys: 1.9 GB for WikiText-2) are dropped first, so one index's keys are in memory at a time."""
+    name = ("index", key, index_name)
+    for other in [m for m in run.memo if isinstance(m, tuple) and m[:1] == ("index",) and m != name]:
+        del run.memo[other]
+    return run.cached(name, lambda: index_inputs(run, index_name, runner.IN_WORKER))
 
 
 def parse_folder(folder: str) -> tuple[str, str]:
@@ -56,14 +95,14 @@ def search_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None
     split, index_name = parse_folder(job.folder)
     with_metrics = "metrics" in job.options  # (eval, plain) unless search.npz of this key is whole
     queries, targets = run.cached(("queries", split), lambda: run.split(split))
-    ix = run.cached(("index", job.key, index_name), lambda: index_inputs(run, index_name, runner.IN_WORKER))
+    ix = current_index(run, job.key, index_name)
     lo, hi = shard_ranges(len(targets), cfg.shard_size)[i]
     tag = stage_shards(run, "search", job.key, job.folder, suffix=".json")
     metrics = stage_shards(run, "search", job.key, METRICS) if with_metrics else None
     if neighbours.shard_done(tag.folder, i, lo, hi, cfg.k) and (metrics is None or metrics.done(i)):
         return hi - lo  # a retried task whose first attempt had finished counts once
     block = search_rows(ix["index"], ix["keys"], ix["values"], queries, lo, hi, cfg.k, cfg.search_batch,
-                        ix["transform"], progress)
+                        ix["transform"], progress, ix["searcher"])
     neighbours.write_shard(tag.folder, i, lo, **block)
     if metrics is not None:
         q = np.asarray(queries[lo:hi], dtype=np.float32)
@@ -72,6 +111,12 @@ def search_shard(run: Run, job: ShardJob, i: int, progress: Progress, _data=None
     else:
         tag.after_save()  # fault hooks count a finished shard
     return hi - lo
+
+
+def search_kind(run: Run) -> str:
+    """The pool the search map runs on: the GPU workers when the run computes on cuda (the IVFPQ search,
+    `gpu_searcher`), else CPU workers."""
+    return "gpu" if run.info["device"] == "cuda" else "cpu"
 
 
 def stage_search(run: Run, key: str) -> dict:
@@ -89,7 +134,7 @@ def stage_search(run: Run, key: str) -> dict:
         todo = [j for j, (lo, hi) in enumerate(ranges) if not neighbours.shard_done(tag.folder, j, lo, hi, cfg.k)
                 or (metrics is not None and not metrics.done(j))]
         todo_total += sum(ranges[j][1] - ranges[j][0] for j in todo)
-        job = ShardJob("search", key, search_shard, folder=folder,
+        job = ShardJob("search", key, search_shard, folder=folder, kind=search_kind(run),
                        options=frozenset({"metrics"}) if with_metrics else frozenset())
         jobs.append((job, todo, ranges, tag.folder))
     with tqdm(total=todo_total, desc="search", unit="query", dynamic_ncols=True) as bar:

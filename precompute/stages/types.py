@@ -21,10 +21,11 @@ from tqdm import tqdm
 from knnlm_core.index import search, set_nprobe
 from knnlm_core.metrics import coefficient_of_variation, contamination_from_neighbors, per_type_mean_max, token_freq
 from precompute import runner
-from precompute.exact import exact_knn
+from precompute.exact import exact_knn_with_dists
 from precompute.executor import Progress, ShardJob, executor_of
 from precompute.runner import Run, Shards, load_npz, save_npy, save_npz, shard_ranges, stage_shards
 from precompute.search import open_index
+from precompute.stages.exact import exact_inputs
 
 CONTAMINATION_MAX = 1024  # SPEC §5: m_v = min(freq(v), 1024)
 TYPES_PER_SHARD = 4096
@@ -113,7 +114,8 @@ def contamination_shard(run: Run, job: ShardJob, i: int, progress: Progress, _da
         mu_q = centroids(run, job.key)[types].astype(np.float32)  # (J, d)
         kk = min(k, len(keys))
         if run.cfg.contamination_search == "exact":
-            nbr = exact_knn(mu_q, keys, kk, run.info["device"])
+            exact_keys, lower = exact_inputs(run)
+            nbr = exact_knn_with_dists(mu_q, exact_keys, kk, run.info["device"], lower=lower)[1]
         else:
             index = contamination_index(run, job.key)
             nbr = np.concatenate([search(index, mu_q[a : a + 1024], kk)[1] for a in range(0, len(mu_q), 1024)])
