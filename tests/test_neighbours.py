@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import MITIGATIONS, build_tiny_run
 
-import knnlm_core.index
 from knnlm_core import neighbours, whiten
 from knnlm_core.neighbours import BlockError
 
@@ -81,17 +80,17 @@ def test_no_listing_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def counted_run(tmp_path_factory, tiny_model):
     """A full build (validation corpus, both whitenings, exact search) with every index search counted."""
-    searched: list[tuple[int, int]] = []  # (rows, index.ntotal) per call of the one search function
-    original = knnlm_core.index.search
-
-    def counting(index, q, k):
-        searched.append((len(q), index.ntotal))
-        return original(index, q, k)
-
-    mp = pytest.MonkeyPatch()
     import precompute.search
 
-    mp.setattr(precompute.search, "search", counting)
+    searched: list[tuple[int, int]] = []  # (rows, index.ntotal) per call of the one search function
+    original = precompute.search.search_into
+
+    def counting(index, q, k, dists, ids):
+        searched.append((len(q), index.ntotal))
+        return original(index, q, k, dists, ids)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(precompute.search, "search_into", counting)
     try:
         run = build_tiny_run(tmp_path_factory.mktemp("counted") / "run", tiny_model, exact_search="on", **MITIGATIONS)
     finally:
