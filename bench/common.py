@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tomllib
+from pathlib import Path
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -52,3 +55,12 @@ def factory(text: str) -> str:
     except FactoryError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def write_config(base: Path, out: Path, **values) -> Path:
+    """`base` TOML with `values` replaced, written to `out` (flat keys only, as the presets are)."""
+    data = {**tomllib.loads(base.read_text()), **values}
+    lines = [f"{k} = {json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in data.items()]
+    out.write_text("\n".join(lines) + "\n")
+    return out

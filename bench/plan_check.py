@@ -18,30 +18,20 @@ load the machine carries, and a plan is only as good as the match between the tw
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import BenchParser, count, factory, size  # noqa: E402
+from bench.common import BenchParser, count, factory, size, write_config  # noqa: E402
 
 GOAL = 0.25  # every stage within +-25% of its measured seconds
 
-
-def write_config(base: Path, out: Path, **values) -> Path:
-    """`base` TOML with `values` replaced, written to `out` (flat keys only, as the presets are)."""
-    data = {**tomllib.loads(base.read_text()), **values}
-    lines = [f"{k} = {json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-             for k, v in data.items()]
-    out.write_text("\n".join(lines) + "\n")
-    return out
 
 
 def run(cmd: list[str], log: Path) -> float:

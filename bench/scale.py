@@ -18,25 +18,16 @@ import json
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from bench.common import BenchParser, DefaultsHelp, size  # noqa: E402
+from bench.common import BenchParser, DefaultsHelp, size, write_config  # noqa: E402
 
 HEAVY = ("datastore", "eval_lm", "index", "search", "types", "database")
 
-
-def write_config(base: Path, out: Path, **values) -> Path:
-    """`base` TOML with `values` replaced, written to `out` (flat keys only, as the presets are)."""
-    data = {**tomllib.loads(base.read_text()), **values}
-    lines = [f"{k} = {json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-             for k, v in data.items()]
-    out.write_text("\n".join(lines) + "\n")
-    return out
 
 
 def build(cfg: Path, run_dir: Path, executor: str) -> float:
